@@ -1,0 +1,77 @@
+"""splitlearn-async: an asyncio split-learning runtime for causal language models.
+
+The client keeps the bottom (embeddings + first layers) and the top (last layers + norm +
+LM head); a ``grpc.aio`` server runs the trunk on one dedicated torch worker thread.
+
+Importing this package imports neither torch, transformers nor grpc: the public names
+below load lazily on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # models
+    "split_model": "splitlearn_async.models.stages",
+    "SplitStages": "splitlearn_async.models.stages",
+    "BottomStage": "splitlearn_async.models.stages",
+    "TrunkStage": "splitlearn_async.models.stages",
+    "TopStage": "splitlearn_async.models.stages",
+    "KVCache": "splitlearn_async.models.cache",
+    "prompt_positions": "splitlearn_async.models.positions",
+    "supported_model_types": "splitlearn_async.models.families",
+    "load_stages": "splitlearn_async.models.loading",
+    "save_stages": "splitlearn_async.models.bundle",
+    "default_bundle": "splitlearn_async.models.default",
+    "ModelFactory": "splitlearn_async.models.factory",
+    # errors
+    "SplitLearnError": "splitlearn_async.errors",
+    "ConfigError": "splitlearn_async.errors",
+    "ModelError": "splitlearn_async.errors",
+    "UnsupportedModelError": "splitlearn_async.errors",
+    "SplitPointError": "splitlearn_async.errors",
+    "CheckpointError": "splitlearn_async.errors",
+    "BundleError": "splitlearn_async.errors",
+    "BundleCorruptError": "splitlearn_async.errors",
+    "MissingPartError": "splitlearn_async.errors",
+    "WireError": "splitlearn_async.errors",
+    "TrunkError": "splitlearn_async.errors",
+    "TrunkUnavailable": "splitlearn_async.errors",
+    "TrunkTimeout": "splitlearn_async.errors",
+    "TrunkBusy": "splitlearn_async.errors",
+    "TrunkRejected": "splitlearn_async.errors",
+    "SessionNotFound": "splitlearn_async.errors",
+    "Unauthenticated": "splitlearn_async.errors",
+    "ClientClosed": "splitlearn_async.errors",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import *  # noqa: F401,F403
+    from .models.bundle import save_stages  # noqa: F401
+    from .models.cache import KVCache  # noqa: F401
+    from .models.default import default_bundle  # noqa: F401
+    from .models.factory import ModelFactory  # noqa: F401
+    from .models.families import supported_model_types  # noqa: F401
+    from .models.loading import load_stages  # noqa: F401
+    from .models.positions import prompt_positions  # noqa: F401
+    from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitlearn_async' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

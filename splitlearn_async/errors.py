@@ -1,0 +1,128 @@
+"""The one exception tree of splitlearn-async.
+
+Every error the library raises on purpose is a :class:`SplitLearnError`. Errors that are
+also a caller's mistake derive from :class:`ValueError` as well, so generic handlers work::
+
+    SplitLearnError
+    ├── ConfigError (ValueError)            a configuration value is out of range
+    ├── ModelError
+    │   ├── UnsupportedModelError (ValueError)  the model family is not supported
+    │   ├── SplitPointError (ValueError)        split points out of range or unordered
+    │   ├── CheckpointError                     a checkpoint tensor is missing or misshapen
+    │   └── BundleError                         a stage bundle cannot be used
+    │       ├── BundleCorruptError              a file is missing, unreadable or fails its checksum
+    │       └── MissingPartError (KeyError)     the bundle lacks the asked-for part
+    ├── WireError (ValueError)              a frame on the wire is malformed
+    └── TrunkError                          the trunk (remote or local) failed a call
+        ├── TrunkUnavailable                the server cannot be reached (after retries)
+        ├── TrunkTimeout                    a call ran past its deadline
+        ├── TrunkBusy                       the server is full (RESOURCE_EXHAUSTED)
+        ├── TrunkRejected (ValueError)      the server refused the input (INVALID_ARGUMENT)
+        ├── SessionNotFound                 unknown, expired or closed session or step
+        ├── Unauthenticated                 missing or wrong bearer token
+        └── ClientClosed                    the client was used after ``aclose()``
+
+``grpc.aio.AioRpcError`` is translated into this tree in exactly one place
+(:func:`splitlearn_async.client._errors.translate_rpc_error`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SplitLearnError",
+    "ConfigError",
+    "ModelError",
+    "UnsupportedModelError",
+    "SplitPointError",
+    "CheckpointError",
+    "BundleError",
+    "BundleCorruptError",
+    "MissingPartError",
+    "WireError",
+    "TrunkError",
+    "TrunkUnavailable",
+    "TrunkTimeout",
+    "TrunkBusy",
+    "TrunkRejected",
+    "SessionNotFound",
+    "Unauthenticated",
+    "ClientClosed",
+]
+
+
+class SplitLearnError(Exception):
+    """Base class of every error raised by splitlearn-async."""
+
+
+class ConfigError(SplitLearnError, ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+class ModelError(SplitLearnError):
+    """A model cannot be split, loaded or saved."""
+
+
+class UnsupportedModelError(ModelError, ValueError):
+    """The model's family (``config.model_type``) has no record in the registry."""
+
+
+class SplitPointError(ModelError, ValueError):
+    """Split points are out of range or not ordered."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint lacks a tensor a stage needs, or a tensor has the wrong shape."""
+
+
+class BundleError(ModelError):
+    """A stage bundle on disk cannot be used."""
+
+
+class BundleCorruptError(BundleError):
+    """A bundle file is missing, unreadable, or does not match its recorded checksum."""
+
+
+class MissingPartError(BundleError, KeyError):
+    """The bundle does not contain the asked-for part (bottom, trunk or top)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it a plain sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class WireError(SplitLearnError, ValueError):
+    """A message on the wire is malformed: bad msgpack, dtype, shape, byte count or values."""
+
+
+class TrunkError(SplitLearnError):
+    """A call to the trunk failed."""
+
+
+class TrunkUnavailable(TrunkError):
+    """The trunk server could not be reached within the deadline, retries included."""
+
+
+class TrunkTimeout(TrunkError, TimeoutError):
+    """A trunk call ran past its deadline."""
+
+
+class TrunkBusy(TrunkError):
+    """The trunk server is full (token budget or session limit) and refused the session."""
+
+
+class TrunkRejected(TrunkError, ValueError):
+    """The trunk server refused the input as invalid; retrying the same input cannot help."""
+
+
+class SessionNotFound(TrunkError, KeyError):
+    """The session or training step is unknown to the server: never opened, expired or closed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Unauthenticated(TrunkError):
+    """The server requires a bearer token and the call had none or a wrong one."""
+
+
+class ClientClosed(TrunkError, RuntimeError):
+    """The client was used after it was closed."""

@@ -1,0 +1,1 @@
+"""Model families, the generic splitter, KV caches, stage bundles and loaders."""
