@@ -1,0 +1,241 @@
+"""Message envelopes: msgpack maps with a ``"kind"`` field, and typed field access.
+
+Every message body is one msgpack map. :func:`pack` and :func:`unpack` are the only
+places that call msgpack; :func:`field` reads one typed field out of a decoded map and
+turns a missing or mistyped field into a :class:`WireError` that says which and why.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, TypeVar, overload
+
+import msgpack
+
+from splitlearn_async.errors import WireError
+
+__all__ = ["Kind", "pack", "unpack", "field", "message_kind"]
+
+T = TypeVar("T")
+
+_TYPE_NAMES: dict[type, str] = {
+    dict: "a map",
+    list: "a list",
+    tuple: "a list",
+    str: "a string",
+    bytes: "bytes",
+    bool: "a bool",
+    int: "an int",
+    float: "a number",
+    type(None): "nil",
+}
+_GOT_NAMES: dict[type, str] = {
+    dict: "map",
+    list: "list",
+    tuple: "list",
+    str: "str",
+    bytes: "bytes",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    type(None): "nil",
+}
+
+
+class Kind(str, enum.Enum):
+    """The ``"kind"`` of a message: what it asks for or what it answers."""
+
+    OPEN = "open"
+    STEP = "step"
+    CLOSE = "close"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    RESULT = "result"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def pack(message: Mapping[str, Any]) -> bytes:
+    """Encode a message as msgpack (``bin`` for bytes, ``str`` for text).
+
+    Args:
+        message: A map with string keys; values may be nil, bools, ints, floats, strings,
+            bytes (or other buffers), lists, maps, and tensor frames from ``encode_tensor``.
+
+    Returns:
+        The msgpack bytes.
+
+    Raises:
+        TypeError: ``message`` is not a map, or holds a value msgpack cannot encode (a
+            programming error on the sending side, not a malformed frame).
+    """
+    if not isinstance(message, Mapping):
+        raise TypeError(f"pack() takes a message map, got {type(message).__name__}.")
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Decode one msgpack message that must be a map.
+
+    Strings are decoded as UTF-8, ``bin`` stays ``bytes``, arrays become lists, map keys
+    must be strings or bytes, and extension types are refused. msgpack's own limits cap
+    every length at the size of ``data``, so a small body cannot claim a huge array.
+
+    Args:
+        data: The message body.
+        max_bytes: Refuse bodies larger than this many bytes; ``None`` for no limit.
+
+    Returns:
+        The decoded map.
+
+    Raises:
+        WireError: ``data`` is larger than ``max_bytes``, is not valid msgpack (truncated,
+            trailing bytes, bad UTF-8, too deeply nested, ...), or its top level is not a map.
+        TypeError: ``data`` is not a bytes-like object.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"unpack() takes bytes, got {type(data).__name__}.")
+    size = memoryview(data).nbytes
+    if max_bytes is not None and size > max_bytes:
+        raise WireError(
+            f"the message has {size} bytes, more than the {max_bytes} accepted; send smaller "
+            "messages (fewer tokens per step) or raise the limit."
+        )
+    try:
+        message = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+        )
+    except WireError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        # ExtraData, FormatError, StackError and UnicodeDecodeError are all ValueErrors
+        raise WireError(
+            f"the message could not be decoded as msgpack: {type(exc).__name__}: {exc}."
+        ) from exc
+    if not isinstance(message, dict):
+        raise WireError(
+            f"the message must be a msgpack map at the top level, got {_got(message)}."
+        )
+    return message
+
+
+def _refuse_ext(code: int, data: bytes) -> object:
+    """msgpack ``ext_hook``: our messages never use extension types."""
+    raise WireError(
+        f"the message holds a msgpack extension type ({code}); only nil, bool, int, float, "
+        "str, bin, array and map are used."
+    )
+
+
+@overload
+def field(
+    msg: Mapping[str, Any], key: str, type_: type[T], *, name: str | None = None,
+    required: bool = True, default: None = None,
+) -> T: ...
+@overload
+def field(
+    msg: Mapping[str, Any], key: str, type_: type[T], *, name: str | None = None,
+    required: bool = True, default: T,
+) -> T: ...
+@overload
+def field(
+    msg: Mapping[str, Any], key: str, type_: tuple[type, ...], *, name: str | None = None,
+    required: bool = True, default: Any = None,
+) -> Any: ...
+def field(
+    msg: Mapping[str, Any],
+    key: str,
+    type_: type | tuple[type, ...],
+    *,
+    name: str | None = None,
+    required: bool = True,
+    default: Any = None,
+) -> Any:
+    """Read one typed field from a decoded message.
+
+    Type rules follow msgpack rather than Python: ``bool`` is not an ``int``; an ``int`` is
+    accepted where a ``float`` is asked for (and returned as a float); ``bytes`` also
+    accepts ``bytearray``; ``list`` and ``dict`` check only the container. A nil value
+    counts as absent.
+
+    Args:
+        msg: The decoded message map.
+        key: The field's key.
+        type_: The expected type, or a tuple of accepted types.
+        name: How errors call the field; default ``"message field '<key>'"``.
+        required: Raise when the field is absent; otherwise return ``default``.
+        default: The value of an absent optional field.
+
+    Returns:
+        The field's value, or ``default``.
+
+    Raises:
+        WireError: a required field is absent, or the value has the wrong type, e.g.
+            "message field 'max_tokens' must be an int, got str."
+    """
+    label = name if name is not None else f"message field {key!r}"
+    value = msg.get(key)
+    if value is None:
+        if required:
+            raise WireError(f"{label} is missing; it must be {_expected(type_)}.")
+        return default
+    types = type_ if isinstance(type_, tuple) else (type_,)
+    for t in types:
+        if _is_instance(value, t):
+            return float(value) if t is float else value
+    raise WireError(f"{label} must be {_expected(type_)}, got {_got(value)}.")
+
+
+def message_kind(msg: Mapping[str, Any], *, expected: Kind | tuple[Kind, ...] | None = None) -> Kind:
+    """Read and check the ``"kind"`` field of a message.
+
+    Args:
+        msg: The decoded message map.
+        expected: The kinds accepted here; ``None`` accepts any known kind.
+
+    Returns:
+        The message's kind.
+
+    Raises:
+        WireError: ``kind`` is missing, not a string, unknown, or not one of ``expected``.
+    """
+    raw = field(msg, "kind", str)
+    try:
+        kind = Kind(raw)
+    except ValueError:
+        known = ", ".join(k.value for k in Kind)
+        raise WireError(
+            f"message field 'kind' is {raw[:40]!r}, which is not a message kind; use one of {known}."
+        ) from None
+    wanted = (expected,) if isinstance(expected, Kind) else expected
+    if wanted is not None and kind not in wanted:
+        raise WireError(
+            f"a {kind.value!r} message arrived where {' or '.join(repr(k.value) for k in wanted)} "
+            "was expected; check the order of messages on the stream."
+        )
+    return kind
+
+
+def _is_instance(value: object, t: type) -> bool:
+    """isinstance with msgpack's view of types (bool is not int, int is a float)."""
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is bytes:
+        return isinstance(value, (bytes, bytearray))
+    return isinstance(value, t)
+
+
+def _expected(type_: type | tuple[type, ...]) -> str:
+    """'an int', 'a string or nil', ... for error messages."""
+    types = type_ if isinstance(type_, tuple) else (type_,)
+    return " or ".join(_TYPE_NAMES.get(t, f"a {t.__name__}") for t in types)
+
+
+def _got(value: object) -> str:
+    """The msgpack-flavoured type name of a decoded value, for error messages."""
+    return _GOT_NAMES.get(type(value), type(value).__name__)
