@@ -23,7 +23,7 @@ def tiny_config(family: str, num_layers: int = 6, **overrides):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
         )
         if family == "llama":
-            cfg = LlamaConfig(**llama_like)
+            cfg = LlamaConfig(**llama_like, tie_word_embeddings=True)  # like SmolLM2
         elif family == "qwen2":
             # alternate sliding and full layers so both mask kinds are exercised
             cfg = Qwen2Config(

@@ -15,6 +15,7 @@ needed" shortcut for sdpa, so split outputs match the unsplit model.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -95,7 +96,10 @@ class AttentionContext:
         if window not in self._masks:
             self._masks[window] = self._build_mask(keys.shape[2], window, query.dtype, query.device)
         mask = self._masks[window]
-        kernel = ALL_ATTENTION_FUNCTIONS[self.base]
+        if self.base == "eager":  # each modeling file has its own eager kernel, as HF layers use
+            kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        else:
+            kernel = ALL_ATTENTION_FUNCTIONS[self.base]
         return kernel(module, query, keys, values, mask, **kwargs)
 
     def _build_mask(
