@@ -40,6 +40,9 @@ _EXPORTS: dict[str, str] = {
     "BundleCorruptError": "splitlearn_async.errors",
     "MissingPartError": "splitlearn_async.errors",
     "WireError": "splitlearn_async.errors",
+    "WorkerStopped": "splitlearn_async.errors",
+    "WorkerDied": "splitlearn_async.errors",
+    "StageWorker": "splitlearn_async.worker",
     "TrunkError": "splitlearn_async.errors",
     "TrunkUnavailable": "splitlearn_async.errors",
     "TrunkTimeout": "splitlearn_async.errors",
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.families import supported_model_types  # noqa: F401
     from .models.loading import load_stages  # noqa: F401
     from .models.positions import prompt_positions  # noqa: F401
+    from .worker import StageWorker  # noqa: F401
     from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 
 

@@ -13,6 +13,8 @@ also a caller's mistake derive from :class:`ValueError` as well, so generic hand
     │       ├── BundleCorruptError              a file is missing, unreadable or fails its checksum
     │       └── MissingPartError (KeyError)     the bundle lacks the asked-for part
     ├── WireError (ValueError)              a frame on the wire is malformed
+    ├── WorkerStopped (RuntimeError)        the torch worker was stopped; it takes no new work
+    ├── WorkerDied (RuntimeError)           the torch worker thread crashed; every call fails fast
     └── TrunkError                          the trunk (remote or local) failed a call
         ├── TrunkUnavailable                the server cannot be reached (after retries)
         ├── TrunkTimeout                    a call ran past its deadline
@@ -39,6 +41,8 @@ __all__ = [
     "BundleCorruptError",
     "MissingPartError",
     "WireError",
+    "WorkerStopped",
+    "WorkerDied",
     "TrunkError",
     "TrunkUnavailable",
     "TrunkTimeout",
@@ -91,6 +95,14 @@ class MissingPartError(BundleError, KeyError):
 
 class WireError(SplitLearnError, ValueError):
     """A message on the wire is malformed: bad msgpack, dtype, shape, byte count or values."""
+
+
+class WorkerStopped(SplitLearnError, RuntimeError):
+    """The worker was stopped: it takes no new work, and queued work past the grace period is dropped."""
+
+
+class WorkerDied(SplitLearnError, RuntimeError):
+    """The worker thread crashed; every pending and later call fails with this error."""
 
 
 class TrunkError(SplitLearnError):

@@ -30,6 +30,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from splitlearn_async.errors import ConfigError
 
+from .errors import WorkerDied, WorkerStopped
+
 __all__ = ["StageWorker", "WorkerStats", "WorkerStopped", "WorkerDied"]
 
 logger = logging.getLogger(__name__)
@@ -43,14 +45,6 @@ ResultT = TypeVar("ResultT")
 # closed without stop() does not strand the thread forever.
 _IDLE_POLL_S = 1.0
 _STOP = object()  # the sentinel: the thread ends after the items queued before it
-
-
-class WorkerStopped(RuntimeError):
-    """The worker was stopped: it takes no new work, and queued work past the grace period is dropped."""
-
-
-class WorkerDied(RuntimeError):
-    """The worker thread crashed; every pending and later call fails with this error."""
 
 
 @dataclass
