@@ -29,6 +29,12 @@ _EXPORTS: dict[str, str] = {
     "save_stages": "splitlearn_async.models.bundle",
     "default_bundle": "splitlearn_async.models.default",
     "ModelFactory": "splitlearn_async.models.factory",
+    # client
+    "SplitPipeline": "splitlearn_async.client",
+    "StreamChunk": "splitlearn_async.client",
+    "LocalTrunk": "splitlearn_async.client",
+    "TrunkSession": "splitlearn_async.client",
+    "SamplingConfig": "splitlearn_async.models.decoding",
     # errors
     "SplitLearnError": "splitlearn_async.errors",
     "ConfigError": "splitlearn_async.errors",
@@ -64,6 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.families import supported_model_types  # noqa: F401
     from .models.loading import load_stages  # noqa: F401
     from .models.positions import prompt_positions  # noqa: F401
+    from .client import LocalTrunk, SplitPipeline, StreamChunk, TrunkSession  # noqa: F401
+    from .models.decoding import SamplingConfig  # noqa: F401
     from .worker import StageWorker  # noqa: F401
     from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 

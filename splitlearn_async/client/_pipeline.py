@@ -1,0 +1,240 @@
+"""``SplitPipeline``: bottom -> trunk -> top generation for async applications.
+
+Bottom and top run on the client's :class:`~splitlearn_async.worker.StageWorker` thread,
+never on the event loop; the trunk is a ``LocalTrunk`` or a ``RemoteTrunk`` session. Each
+stage keeps its own KV cache, so no step recomputes the prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import torch
+
+from ..errors import ClientClosed
+from ..models.decoding import DecodeState, SamplingConfig
+from ..worker import StageWorker
+
+__all__ = ["SplitPipeline", "StreamChunk"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One decode step of :meth:`SplitPipeline.stream`.
+
+    Attributes:
+        tokens: ``(B,)`` the new token of every row (``pad_token_id`` once a row finished).
+        finished: ``(B,)`` bool, rows that have produced eos (this step included).
+        text: Per row, the new text this step adds (with a tokenizer), else ``None``.
+    """
+
+    tokens: torch.Tensor
+    finished: torch.Tensor
+    text: list[str] | None = None
+
+
+class SplitPipeline:
+    """Chains bottom -> trunk -> top into a generation loop.
+
+    Args:
+        bottom: The client's :class:`BottomStage`.
+        trunk: A ``RemoteTrunk`` or ``LocalTrunk`` (anything with ``open_session()``).
+        top: The client's :class:`TopStage`.
+        tokenizer: Optional Hugging Face tokenizer, for :meth:`generate_text` and text in
+            :meth:`stream`.
+        worker: The worker thread for bottom and top; by default the pipeline starts its own
+            on first use and stops it in :meth:`aclose`.
+    """
+
+    def __init__(self, bottom: Any, trunk: Any, top: Any, tokenizer: Any = None, worker: StageWorker | None = None):
+        self.bottom = bottom
+        self.trunk = trunk
+        self.top = top
+        self.tokenizer = tokenizer
+        self._worker = worker
+        self._owns_worker = worker is None
+        self._closed = False
+
+    async def _ensure_worker(self) -> StageWorker:
+        if self._closed:
+            raise ClientClosed("Cannot generate, as the pipeline has been closed.")
+        if self._worker is None:
+            self._worker = StageWorker(name="splitlearn-client")
+        if not self._worker.is_running:
+            await self._worker.start()
+        return self._worker
+
+    def _defaults(self, eos_token_id: Any, pad_token_id: Any) -> tuple[Any, Any]:
+        config = self.bottom.config
+        if eos_token_id is None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            if eos_token_id is None:
+                eos_token_id = getattr(config, "eos_token_id", None)
+        if pad_token_id is None:
+            if self.tokenizer is not None:
+                pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(config, "pad_token_id", None)
+        return eos_token_id, pad_token_id
+
+    async def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Yield a :class:`StreamChunk` per decode step as tokens come.
+
+        Arguments are those of :meth:`generate`. Leaving the iteration early (or cancelling
+        the task) closes the trunk session.
+        """
+        worker = await self._ensure_worker()
+        eos, pad = self._defaults(eos_token_id, pad_token_id)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
+        state = DecodeState(input_ids, attention_mask, max_new_tokens, eos, pad, sampling)
+        if state.done:
+            return
+        caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
+        ids, mask, pos = state.prompt_inputs()
+        decoder = _TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
+        session = await self.trunk.open_session()
+        async with session:
+            while not state.done:
+                new_mask = mask[:, -ids.shape[1]:]
+                hidden = await worker.run(_run_stage, self.bottom, ids, mask, pos, caches[0])  # (B, T, H)
+                hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
+                ids, mask, pos = await worker.run(_top_and_choose, self.top, hidden, mask, pos, caches[1], state)
+                tokens = ids[:, 0]
+                yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
+
+    async def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Generate with Hugging Face semantics; returns ``(B, T + new)`` token ids.
+
+        Args:
+            input_ids: ``(B, T)`` prompts, left-padded.
+            attention_mask: ``(B, T)``, 1 for real tokens (default all ones).
+            max_new_tokens: At most this many new tokens.
+            do_sample: Sample (with ``temperature``, ``top_k``, ``top_p``); else greedy.
+            eos_token_id: Token id(s) that end a row (default: tokenizer's, else config's).
+            pad_token_id: Fills finished rows (default: tokenizer's, else config's, else eos).
+            seed: Seed of the sampler; the same seed gives the same tokens.
+
+        Greedy output equals ``model.generate(..., do_sample=False)`` of the unsplit model.
+
+        Raises:
+            ValueError: bad arguments (shapes, right padding, sampling settings).
+            TrunkError: the trunk failed (see the error tree).
+        """
+        steps: list[torch.Tensor] = []
+        stream = self.stream(
+            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+            eos_token_id, pad_token_id, seed,
+        )
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                steps.append(chunk.tokens[:, None])
+        return torch.cat([input_ids.to("cpu").long(), *steps], dim=1)
+
+    async def generate_text(
+        self, prompt: str | Sequence[dict[str, str]], max_new_tokens: int = 128, **kwargs: Any
+    ) -> str:
+        """Generate an answer to a prompt string or a list of chat messages.
+
+        Chat messages (``[{"role": "user", "content": ...}, ...]``) go through the
+        tokenizer's chat template with the generation prompt added. Returns the new text.
+
+        Raises:
+            ValueError: the pipeline has no tokenizer.
+        """
+        input_ids, attention_mask = self.encode(prompt)
+        out = await self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        return str(self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+
+    def encode(self, prompt: str | Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``(1, T)`` of a prompt string or chat messages."""
+        if self.tokenizer is None:
+            raise ValueError("this pipeline has no tokenizer; pass tokenizer=... to SplitPipeline to use text.")
+        if isinstance(prompt, str):
+            enc = self.tokenizer(prompt, return_tensors="pt")
+        else:
+            enc = self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        return enc["input_ids"], enc["attention_mask"]
+
+    async def aclose(self) -> None:
+        """Stop the pipeline's own worker (the trunk is closed by its owner)."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_worker and self._worker is not None:
+                await self._worker.stop()
+
+    async def __aenter__(self) -> "SplitPipeline":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _run_stage(stage: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+    device = stage.device
+    with torch.no_grad():
+        out = stage(ids.to(device), mask.to(device), pos.to(device), cache=cache)
+    return out.to("cpu")
+
+
+def _top_and_choose(
+    top: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, state: DecodeState
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = top.device
+    with torch.no_grad():
+        logits = top(hidden.to(device, top.dtype), mask.to(device), pos.to(device), cache=cache)  # (B, T, V)
+    return state.advance(logits[:, -1])
+
+
+class _TextDecoder:
+    """Turns each row's growing token list into new text pieces (multi-byte safe)."""
+
+    def __init__(self, tokenizer: Any, batch: int) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.shown = [""] * batch
+
+    def feed(self, tokens: torch.Tensor, state: DecodeState) -> list[str]:
+        pieces = []
+        for row, token in enumerate(tokens.tolist()):
+            if token in state.eos or (self.tokens[row] and self.tokens[row][-1] in state.eos):
+                pieces.append("")
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+                pieces.append("")
+                continue
+            pieces.append(text[len(self.shown[row]):])
+            self.shown[row] = text
+        return pieces

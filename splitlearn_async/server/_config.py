@@ -1,0 +1,129 @@
+"""ServerConfig: the trunk server's limits and options, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitlearn_async.errors import ConfigError
+
+__all__ = ["ServerConfig"]
+
+_WIRE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _positive_int(name: str, value: object, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"ServerConfig.{name} must be an int >= 1, got {value!r}; {fix}.")
+
+
+def _positive_number(name: str, value: object, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"ServerConfig.{name} must be a number > 0, got {value!r}; {fix}.")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and options of :class:`AsyncGRPCComputeServer`.
+
+    Attributes:
+        max_sessions: Most sessions open at once; one more gets ``RESOURCE_EXHAUSTED``.
+        max_tokens_total: Token budget over all sessions' KV caches: the sum over sessions
+            of (cache columns x batch rows). An open or step that would pass it gets
+            ``RESOURCE_EXHAUSTED`` at once.
+        max_session_tokens: Most tokens (columns x rows) one session (or one ``Forward``
+            call) may hold.
+        session_ttl_s: Seconds a session may stay idle before it expires and its cache is freed.
+        max_message_bytes: Largest message body, in bytes, either way (gRPC's own default
+            of 4 MiB is too small for long prompts).
+        wire_dtype: ``None``: replies carry hidden states in the dtype of the request
+            (the model's dtype by default, exact). ``"float16"``/``"bfloat16"``/``"float32"``:
+            replies always use that dtype.
+        torch_threads: torch intra-op threads of the worker; ``None`` leaves torch's default.
+        auth_token: If set, every call needs the metadata ``authorization: Bearer <token>``.
+        tls_cert_file: PEM certificate chain; with ``tls_key_file`` the server speaks TLS.
+        tls_key_file: PEM private key of ``tls_cert_file``.
+        metrics_port: If set, serve Prometheus metrics over HTTP on this port (0 = any free port).
+        max_batch_size: Most items the worker runs in one batched call.
+        max_batch_delay_s: Seconds the worker waits for a batch to fill.
+        batching: False turns batching off in the worker (for comparisons).
+        sweep_interval_s: Seconds between sweeps for idle sessions; ``None`` picks
+            ``min(1, session_ttl_s / 4)``.
+
+    Raises:
+        ConfigError: a field is out of range; the message names the value and the fix.
+    """
+
+    max_sessions: int = 1024
+    max_tokens_total: int = 1_048_576
+    max_session_tokens: int = 131_072
+    session_ttl_s: float = 300.0
+    max_message_bytes: int = 256 * 1024 * 1024
+    wire_dtype: str | None = None
+    torch_threads: int | None = None
+    auth_token: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    metrics_port: int | None = None
+    max_batch_size: int = 32
+    max_batch_delay_s: float = 0.0
+    batching: bool = True
+    sweep_interval_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
+        _positive_int("max_tokens_total", self.max_tokens_total, "give a token budget, e.g. 1048576")
+        _positive_int("max_session_tokens", self.max_session_tokens, "e.g. 131072")
+        if self.max_session_tokens > self.max_tokens_total:
+            raise ConfigError(
+                f"ServerConfig.max_session_tokens={self.max_session_tokens} is larger than "
+                f"max_tokens_total={self.max_tokens_total}; lower it or raise the total."
+            )
+        _positive_number("session_ttl_s", self.session_ttl_s, "e.g. 300 seconds")
+        _positive_int("max_message_bytes", self.max_message_bytes, "e.g. 268435456 (256 MiB)")
+        if self.max_message_bytes >= 2**31:
+            raise ConfigError(
+                f"ServerConfig.max_message_bytes={self.max_message_bytes} is over gRPC's limit of "
+                "2 GiB - 1; use a smaller value."
+            )
+        if self.wire_dtype is not None and self.wire_dtype not in _WIRE_DTYPE_NAMES:
+            raise ConfigError(
+                f"ServerConfig.wire_dtype={self.wire_dtype!r} is not supported; use None (the "
+                f"request's dtype) or one of {', '.join(_WIRE_DTYPE_NAMES)}."
+            )
+        if self.torch_threads is not None:
+            _positive_int("torch_threads", self.torch_threads, "or None for torch's default")
+        if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
+            raise ConfigError("ServerConfig.auth_token must be a non-empty string or None; pass None to turn auth off.")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(
+                "ServerConfig.tls_cert_file and tls_key_file must be given together (got only "
+                f"{'tls_cert_file' if self.tls_cert_file else 'tls_key_file'}); pass both or neither."
+            )
+        if self.metrics_port is not None and (
+            isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+            or not 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError(
+                f"ServerConfig.metrics_port must be None or a port in 0..65535, got {self.metrics_port!r}."
+            )
+        _positive_int("max_batch_size", self.max_batch_size, "e.g. 32")
+        if isinstance(self.max_batch_delay_s, bool) or not isinstance(self.max_batch_delay_s, (int, float)) \
+                or not self.max_batch_delay_s >= 0:
+            raise ConfigError(
+                f"ServerConfig.max_batch_delay_s must be a number >= 0, got {self.max_batch_delay_s!r}; "
+                "0 runs waiting work at once."
+            )
+        if self.sweep_interval_s is not None:
+            _positive_number("sweep_interval_s", self.sweep_interval_s, "or None for the default")
+
+    @property
+    def tls(self) -> bool:
+        """True when the server speaks TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def effective_sweep_interval_s(self) -> float:
+        """Seconds between idle-session sweeps."""
+        if self.sweep_interval_s is not None:
+            return float(self.sweep_interval_s)
+        return min(1.0, self.session_ttl_s / 4)
