@@ -146,3 +146,25 @@ async def test_event_loop_stays_free_during_generation():
     step = statistics.median(steps[1:])
     # the loop's largest pause stays small compared with one decode step (a ratio, same run)
     assert max(gaps) < 0.5 * step, (max(gaps), step)
+
+
+@pytest.mark.slow
+async def test_smollm2_pipeline_equals_model_generate_and_streams_text():
+    from transformers import AutoModelForCausalLM
+
+    from splitlearn_async import default_bundle, load_stages
+    from splitlearn_async.models.default import default_gguf_path, load_tokenizer
+
+    gguf = default_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    bundle = default_bundle()
+    tokenizer = load_tokenizer(bundle)
+    bottom, trunk, top = load_stages(bundle)
+    async with LocalTrunk(trunk) as local, SplitPipeline(bottom, local, top, tokenizer) as pipeline:
+        ids, mask = pipeline.encode([{"role": "user", "content": "What is the capital of France?"}])
+        expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        got = await pipeline.generate(ids, mask, max_new_tokens=24)
+        assert torch.equal(got, expected)
+        pieces = [c.text[0] async for c in pipeline.stream(ids, mask, max_new_tokens=24)]
+        answer = await pipeline.generate_text([{"role": "user", "content": "What is the capital of France?"}], 24)
+    assert "".join(pieces) == answer and "Paris" in answer
