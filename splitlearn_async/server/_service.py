@@ -88,7 +88,8 @@ class AsyncGRPCComputeServer:
         self._hidden_size = int(trunk.hidden_size)
         self._model_dtype = trunk.dtype
         self._reply_dtype = WIRE_DTYPES[config.wire_dtype] if config.wire_dtype else None
-        self._max_elements = config.max_session_tokens * self._hidden_size
+        # the body size is capped by max_message_bytes; token limits answer RESOURCE_EXHAUSTED
+        self._max_elements: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._sweeper: asyncio.Task[None] | None = None
