@@ -1,0 +1,80 @@
+"""``splitlearn serve``: load a trunk and serve it until SIGINT/SIGTERM.
+
+``add_serve_arguments(parser)`` adds the options; ``serve_main(args)`` runs the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from splitlearn_async.errors import ConfigError
+
+__all__ = ["add_serve_arguments", "serve_main"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``serve`` to ``parser``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--bundle", help="stage bundle directory (written by `splitlearn split`)")
+    source.add_argument("--model", default=None, help="model directory, .gguf file or 'default'")
+    parser.add_argument("--split", default=None, help="split points a,b (required with --model), e.g. 3,27")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port to bind (0 = any free port)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    parser.add_argument("--token", default=None, help="require 'authorization: Bearer <token>'")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the worker")
+
+
+def _split_points(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split must be two integers a,b such as 3,27, got {text!r}.") from None
+    return a, b
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Load the trunk named by ``args`` and serve it until SIGINT or SIGTERM.
+
+    Returns:
+        The process exit code (0).
+
+    Raises:
+        ConfigError: the options are inconsistent (e.g. --model without --split).
+        ModelError: the model or bundle cannot be loaded.
+    """
+    from splitlearn_async.models.loading import load_stages
+    from splitlearn_async.server._config import ServerConfig
+    from splitlearn_async.server._service import AsyncGRPCComputeServer
+
+    source = args.bundle or args.model or "default"
+    split = _split_points(args.split)
+    if args.bundle is None and split is None:
+        raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
+    config = ServerConfig(
+        metrics_port=args.metrics_port, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+        auth_token=args.token, torch_threads=args.torch_threads,
+    )
+    trunk = load_stages(source, split, parts=("trunk",)).trunk
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with AsyncGRPCComputeServer(trunk, args.host, args.port, config) as server:
+            print(f"serving trunk layers {list(trunk.layer_range)} on {args.host}:{server.port}", flush=True)
+            await stop.wait()
+            print("stopping (grace 5 s)", flush=True)
+
+    asyncio.run(run())
+    return 0

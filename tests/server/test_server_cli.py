@@ -1,0 +1,31 @@
+"""The options of `splitlearn serve` (running it loads a real model: covered elsewhere)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from splitlearn_async.errors import ConfigError
+from splitlearn_async.server._cli import add_serve_arguments, serve_main
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_options_parse():
+    args = parse("--model", "default", "--split", "3,27", "--port", "0", "--metrics-port", "9100", "--token", "t")
+    assert (args.model, args.split, args.port, args.metrics_port, args.token) == ("default", "3,27", 0, 9100, "t")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("--model", "x"), "--split a,b is required"),
+    (("--model", "x", "--split", "3"), "two integers"),
+    (("--model", "x", "--split", "1,2", "--tls-cert", "c.pem"), "together"),
+])
+def test_bad_options_fail_before_loading(argv, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        serve_main(parse(*argv))
