@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ClientClosed
 from ..models.decoding import DecodeState, SamplingConfig
+from ..models.stages import run_stage
 from ..worker import StageWorker
 
 __all__ = ["SplitPipeline", "StreamChunk"]
@@ -113,7 +114,7 @@ class SplitPipeline:
         async with session:
             while not state.done:
                 new_mask = mask[:, -ids.shape[1]:]
-                hidden = await worker.run(_run_stage, self.bottom, ids, mask, pos, caches[0])  # (B, T, H)
+                hidden = await worker.run(run_stage, self.bottom, ids, mask, pos, caches[0])  # (B, T, H)
                 hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
                 ids, mask, pos = await worker.run(_top_and_choose, self.top, hidden, mask, pos, caches[1], state)
                 tokens = ids[:, 0]
@@ -200,19 +201,10 @@ class SplitPipeline:
         await self.aclose()
 
 
-def _run_stage(stage: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-    device = stage.device
-    with torch.no_grad():
-        out = stage(ids.to(device), mask.to(device), pos.to(device), cache=cache)
-    return out.to("cpu")
-
-
 def _top_and_choose(
     top: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, state: DecodeState
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    device = top.device
-    with torch.no_grad():
-        logits = top(hidden.to(device, top.dtype), mask.to(device), pos.to(device), cache=cache)  # (B, T, V)
+    logits = run_stage(top, hidden, mask, pos, cache)  # (B, T, V)
     return state.advance(logits[:, -1])
 
 

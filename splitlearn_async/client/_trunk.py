@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ClientClosed, SessionNotFound
+from ..models.stages import run_stage
 from ..worker import StageWorker
 
 __all__ = ["TrunkSession", "LocalTrunk", "LocalTrunkSession"]
@@ -119,15 +120,7 @@ class LocalTrunk:
 
 
 def _run_trunk(trunk: Any, hidden: torch.Tensor, mask: Any, positions: Any, cache: Any) -> torch.Tensor:
-    device = trunk.device
-    with torch.no_grad():
-        out = trunk(
-            hidden.to(device, trunk.dtype),
-            None if mask is None else mask.to(device),
-            None if positions is None else positions.to(device),
-            cache=cache,
-        )
-    return out.to("cpu", hidden.dtype)
+    return run_stage(trunk, hidden, mask, positions, cache).to(hidden.dtype)  # reply in the caller's dtype
 
 
 class LocalTrunkSession(TrunkSession):

@@ -33,7 +33,7 @@ from ..errors import BundleCorruptError, BundleError, MissingPartError
 from .sources import TensorSource
 from .stages import PARTS, SplitStages, Stage
 
-__all__ = ["save_stages", "BundleSource", "is_bundle", "FORMAT", "FORMAT_VERSION", "read_manifest"]
+__all__ = ["save_stages", "replace_dir", "BundleSource", "is_bundle", "FORMAT", "FORMAT_VERSION", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,17 +103,21 @@ def save_stages(
             save_file(contiguous, str(tmp / WEIGHTS), metadata={"format": FORMAT, "part": part})
             manifest = _manifest(stage, contiguous, tied_refs, tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-            final = root / part
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        replace_dir(tmp, root / part)
         logger.info("saved %s stage (%d tensors) to %s", part, len(contiguous), root / part)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(root / "tokenizer"))
     return root
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the finished directory ``new`` at ``final``, replacing what was there."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(new, final)
 
 
 def _manifest(stage: Stage, tensors: dict[str, torch.Tensor], tied: dict[str, str], folder: Path) -> dict[str, Any]:

@@ -63,8 +63,6 @@ def default_bundle(split_points: tuple[int, int] = DEFAULT_SPLIT, *, progress: b
     """
     import fcntl
 
-    from .bundle import MANIFEST
-
     a, b = split_points
     target = cache_dir() / BUNDLE_NAME / f"{a}-{b}"
     if _complete(target):
@@ -77,7 +75,7 @@ def default_bundle(split_points: tuple[int, int] = DEFAULT_SPLIT, *, progress: b
         logger.info("converting the embedded SmolLM2 GGUF to a stage bundle at %s (once)", target)
         from transformers import AutoTokenizer
 
-        from .bundle import save_stages
+        from .bundle import replace_dir, save_stages
         from .loading import load_stages
 
         gguf = default_gguf_path()
@@ -86,15 +84,12 @@ def default_bundle(split_points: tuple[int, int] = DEFAULT_SPLIT, *, progress: b
         tmp = Path(tempfile.mkdtemp(prefix=f".{a}-{b}-", dir=target.parent))
         try:
             save_stages(stages, tmp, tokenizer=tokenizer)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    assert_manifest = target / "trunk" / MANIFEST
-    if not assert_manifest.is_file():
-        raise ModelError(f"converting the default model did not produce {assert_manifest}.")
+        replace_dir(tmp, target)
+    if not _complete(target):
+        raise ModelError(f"converting the default model did not produce a complete bundle at {target}.")
     return target
 
 

@@ -21,7 +21,7 @@ from .attention import ATTENTION_NAME, SUPPORTED_BASES, CacheContext, PlainConte
 from .cache import KVCache
 from .families import Family, family_for
 
-__all__ = ["Stage", "BottomStage", "TrunkStage", "TopStage", "SplitStages", "split_model", "PARTS"]
+__all__ = ["Stage", "BottomStage", "TrunkStage", "TopStage", "SplitStages", "split_model", "run_stage", "PARTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -385,3 +385,27 @@ def split_model(
         stage.train(model.training)
         stages[part] = stage
     return SplitStages(**stages)  # type: ignore[arg-type]
+
+
+def run_stage(
+    stage: Stage,
+    inputs: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """Run ``stage`` without autograd on its own device and dtype; the output comes back on the CPU.
+
+    ``inputs`` are token ids (bottom) or hidden states (trunk, top), usually on the CPU as
+    they arrive from another thread or process; float inputs are cast to the stage's dtype.
+    """
+    device = stage.device
+    x = inputs.to(device, stage.dtype) if inputs.is_floating_point() else inputs.to(device)
+    with torch.no_grad():
+        out = stage(
+            x,
+            None if attention_mask is None else attention_mask.to(device),
+            None if position_ids is None else position_ids.to(device),
+            cache=cache,
+        )
+    return out.to("cpu")
