@@ -1,6 +1,7 @@
 """The ``splitlearn`` command line.
 
 ``splitlearn split``  writes stage bundles (bottom/, trunk/, top/) from a model.
+``splitlearn serve``  serves a trunk over gRPC.
 ``splitlearn demo``   generates a chat answer from the embedded SmolLM2, streaming to the terminal.
 """
 
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--parts", default="bottom,trunk,top", help="comma-separated parts to write (default: all three)"
     )
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve a trunk over gRPC (grpc.aio, one torch worker thread)",
+        description="Load the trunk of a bundle or model and serve it until SIGINT/SIGTERM.",
+    )
+    from .server._cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+
     demo = sub.add_parser(
         "demo",
         help="stream a chat answer from the embedded SmolLM2 through the three stages",
@@ -82,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_split(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "serve":
+            from .server._cli import serve_main
+
+            return serve_main(args)
     except SplitLearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
