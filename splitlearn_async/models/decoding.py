@@ -105,6 +105,7 @@ class DecodeState:
             self._generator = torch.Generator()
             self._generator.manual_seed(self.sampling.seed if self.sampling.seed is not None else torch.seed())
         self._eos_tensor = torch.tensor(self.eos, dtype=torch.long) if self.eos else None
+        self._last_prompt_position = prompt_positions(self.attention_mask)[:, -1:]  # (B, 1), once
 
     @property
     def batch_size(self) -> int:
@@ -158,9 +159,7 @@ class DecodeState:
 
     def _next_positions(self) -> torch.Tensor:
         # generate continues every row with last position + 1
-        prompt_len = self.attention_mask.shape[1] - self.generated
-        last_prompt = prompt_positions(self.attention_mask[:, :prompt_len])[:, -1:]
-        return last_prompt + self.generated
+        return self._last_prompt_position + self.generated
 
 
 def stream_local(

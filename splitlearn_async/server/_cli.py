@@ -72,9 +72,9 @@ def serve_main(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with AsyncGRPCComputeServer(trunk, args.host, args.port, config) as server:
-            print(f"serving trunk layers {list(trunk.layer_range)} on {args.host}:{server.port}", flush=True)
+            logger.info("serving trunk layers %s on %s:%s", list(trunk.layer_range), args.host, server.port)
             await stop.wait()
-            print("stopping (grace 5 s)", flush=True)
+            logger.info("stopping (grace 5 s)")
 
     asyncio.run(run())
     return 0
