@@ -29,10 +29,15 @@ _EXPORTS: dict[str, str] = {
     "save_stages": "splitlearn_async.models.bundle",
     "default_bundle": "splitlearn_async.models.default",
     "ModelFactory": "splitlearn_async.models.factory",
+    # server
+    "AsyncGRPCComputeServer": "splitlearn_async.server",
+    "ServerConfig": "splitlearn_async.server",
     # client
     "SplitPipeline": "splitlearn_async.client",
     "StreamChunk": "splitlearn_async.client",
     "LocalTrunk": "splitlearn_async.client",
+    "RemoteTrunk": "splitlearn_async.client",
+    "ClientConfig": "splitlearn_async.client",
     "TrunkSession": "splitlearn_async.client",
     "SamplingConfig": "splitlearn_async.models.decoding",
     # errors
@@ -70,9 +75,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.families import supported_model_types  # noqa: F401
     from .models.loading import load_stages  # noqa: F401
     from .models.positions import prompt_positions  # noqa: F401
-    from .client import LocalTrunk, SplitPipeline, StreamChunk, TrunkSession  # noqa: F401
+    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, StreamChunk, TrunkSession  # noqa: F401
     from .models.decoding import SamplingConfig  # noqa: F401
     from .worker import StageWorker  # noqa: F401
+    from .server import AsyncGRPCComputeServer, ServerConfig  # noqa: F401
     from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 
 

@@ -7,6 +7,7 @@ stage keeps its own KV cache, so no step recomputes the prefix.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import torch
 
-from ..errors import ClientClosed
+from ..errors import ClientClosed, ConfigError, TrunkTimeout
 from ..models.decoding import DecodeState, SamplingConfig
 from ..models.stages import run_stage
 from ..worker import StageWorker
@@ -60,6 +61,7 @@ class SplitPipeline:
         self._worker = worker
         self._owns_worker = worker is None
         self._closed = False
+        self._trunk_checked = False
 
     async def _ensure_worker(self) -> StageWorker:
         if self._closed:
@@ -69,6 +71,31 @@ class SplitPipeline:
         if not self._worker.is_running:
             await self._worker.start()
         return self._worker
+
+    async def _check_trunk(self) -> None:
+        """Once per pipeline: the trunk must continue the bottom and end where the top starts."""
+        if self._trunk_checked or not hasattr(self.trunk, "info"):
+            return
+        info = await self.trunk.info()
+        lo, hi = (int(v) for v in info.get("layer_range", (-1, -1)))
+        bottom_end, top_start = self.bottom.layer_range[1], self.top.layer_range[0]
+        problems = []
+        if (lo, hi) != (bottom_end, top_start):
+            problems.append(
+                f"the trunk runs layers [{lo}, {hi}) but the bottom ends at layer {bottom_end} and the top "
+                f"starts at layer {top_start}"
+            )
+        if int(info.get("hidden_size", self.bottom.hidden_size)) != self.bottom.hidden_size:
+            problems.append(f"the trunk's hidden size is {info.get('hidden_size')}, the bottom's {self.bottom.hidden_size}")
+        model_type = info.get("model_type")
+        if model_type and model_type != self.bottom.config.model_type:
+            problems.append(f"the trunk is a {model_type!r} model, the bottom a {self.bottom.config.model_type!r} one")
+        if problems:
+            raise ConfigError(
+                "The trunk does not fit this pipeline: " + "; ".join(problems)
+                + ". Serve the trunk of the same bundle and split points as the bottom and top."
+            )
+        self._trunk_checked = True
 
     def _defaults(self, eos_token_id: Any, pad_token_id: Any) -> tuple[Any, Any]:
         config = self.bottom.config
@@ -110,6 +137,7 @@ class SplitPipeline:
         caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
         ids, mask, pos = state.prompt_inputs()
         decoder = _TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
+        await self._check_trunk()
         session = await self.trunk.open_session()
         async with session:
             while not state.done:
@@ -132,6 +160,7 @@ class SplitPipeline:
         eos_token_id: int | Iterable[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
+        timeout_s: float | None = None,
     ) -> torch.Tensor:
         """Generate with Hugging Face semantics; returns ``(B, T + new)`` token ids.
 
@@ -143,13 +172,37 @@ class SplitPipeline:
             eos_token_id: Token id(s) that end a row (default: tokenizer's, else config's).
             pad_token_id: Fills finished rows (default: tokenizer's, else config's, else eos).
             seed: Seed of the sampler; the same seed gives the same tokens.
+            timeout_s: Deadline of the whole call; past it the generation is cancelled, its
+                trunk session closed, and :class:`TrunkTimeout` raised. ``None``: no deadline
+                (each trunk call still has ``ClientConfig.step_timeout_s``).
 
         Greedy output equals ``model.generate(..., do_sample=False)`` of the unsplit model.
 
         Raises:
             ValueError: bad arguments (shapes, right padding, sampling settings).
+            ConfigError: the trunk's layers or model do not fit the bottom and top.
+            TrunkTimeout: ``timeout_s`` passed.
             TrunkError: the trunk failed (see the error tree).
         """
+        run = self._generate(
+            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+            eos_token_id, pad_token_id, seed,
+        )
+        if timeout_s is None:
+            return await run
+        try:
+            return await asyncio.wait_for(run, timeout_s)
+        except asyncio.TimeoutError:
+            raise TrunkTimeout(
+                f"generate() ran past its deadline of timeout_s={timeout_s} s and was cancelled; "
+                "raise timeout_s or lower max_new_tokens."
+            ) from None
+
+    async def _generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, do_sample: bool,
+        temperature: float, top_k: int | None, top_p: float | None, eos_token_id: Any, pad_token_id: int | None,
+        seed: int | None,
+    ) -> torch.Tensor:
         steps: list[torch.Tensor] = []
         stream = self.stream(
             input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,

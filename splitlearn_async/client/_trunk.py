@@ -10,13 +10,18 @@ the first one with the prompt and each next one with a decode step. ``LocalTrunk
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ClientClosed, SessionNotFound
+from ..models.positions import prompt_positions
 from ..models.stages import run_stage
 from ..worker import StageWorker
+
+if TYPE_CHECKING:
+    from ..training._config import LoraConfig, OptimizerConfig
+    from ._training import LocalTrainingSession
 
 __all__ = ["TrunkSession", "LocalTrunk", "LocalTrunkSession"]
 
@@ -54,14 +59,28 @@ class LocalTrunk:
         trunk: The :class:`TrunkStage`.
         worker: The worker thread to run it on; by default the trunk gets its own, started
             on first use and stopped by :meth:`aclose`.
+        max_pending_steps: Most training steps kept waiting for their backward.
+        pending_step_ttl_s: Seconds a training step's graph is kept without a backward.
     """
 
-    def __init__(self, trunk: Any, worker: StageWorker | None = None) -> None:
+    def __init__(
+        self,
+        trunk: Any,
+        worker: StageWorker | None = None,
+        *,
+        max_pending_steps: int = 8,
+        pending_step_ttl_s: float = 300.0,
+    ) -> None:
+        from ..training._engine import AdapterRegistry, PendingSteps
+
         self.trunk = trunk
         self._worker = worker
         self._owns_worker = worker is None
         self._closed = False
         self._sessions: set[LocalTrunkSession] = set()
+        self._training: set[LocalTrainingSession] = set()
+        self._adapters = AdapterRegistry()
+        self._pending = PendingSteps(max_pending_steps, pending_step_ttl_s)
 
     @property
     def sessions_open(self) -> int:
@@ -77,18 +96,121 @@ class LocalTrunk:
             await self._worker.start()
         return self._worker
 
-    async def open_session(self) -> "LocalTrunkSession":
-        """Open a session; its KV cache is created by the first ``forward``."""
+    async def open_session(self, adapter_id: str | None = None) -> "LocalTrunkSession":
+        """Open a session; its KV cache is created by the first ``forward``.
+
+        Args:
+            adapter_id: Run the trunk with this loaded LoRA adapter (see :meth:`open_training`
+                and :meth:`load_adapter`); ``None`` uses the base weights.
+
+        Raises:
+            SessionNotFound: no adapter of that name is loaded.
+        """
         worker = await self._ensure_worker()
-        session = LocalTrunkSession(self, worker)
+        adapter = None
+        if adapter_id is not None:
+            from ..training._engine import StepNotFound
+
+            try:
+                adapter = self._adapters.get(adapter_id)
+            except StepNotFound as exc:
+                raise SessionNotFound(str(exc)) from None
+        session = LocalTrunkSession(self, worker, adapter)
         self._sessions.add(session)
         return session
+
+    async def open_training(
+        self,
+        mode: str = "lora",
+        *,
+        lora: "LoraConfig | None" = None,
+        optimizer: "OptimizerConfig | None" = None,
+        adapter_id: str | None = None,
+        weights: bytes | None = None,
+        optimizer_state: bytes | None = None,
+    ) -> "LocalTrainingSession":
+        """Open a training session on this trunk (see ``splitlearn_async.client._training``).
+
+        Args:
+            mode: ``"lora"`` (train adapters), ``"full"`` (train every trunk weight; they are
+                shared with this trunk's inference) or ``"frozen"`` (only pass gradients through).
+            lora: Adapter settings for a new adapter (``mode="lora"``).
+            optimizer: The trunk optimizer's settings; default ``OptimizerConfig()``.
+            adapter_id: Train the loaded adapter of this name, or create it under this name.
+            weights: Safetensors bytes to start from (an adapter, or trunk weights for ``"full"``).
+            optimizer_state: Safetensors bytes of a saved optimizer state to resume.
+
+        Returns:
+            A :class:`~splitlearn_async.client._training.LocalTrainingSession`.
+
+        Raises:
+            ConfigError: bad settings.
+            TrunkBusy: too many adapters are loaded.
+            CheckpointError: ``weights`` or ``optimizer_state`` do not fit this trunk.
+        """
+        from ._training import open_local_training
+
+        worker = await self._ensure_worker()
+        session = await open_local_training(
+            self, worker, self._pending, mode, lora, optimizer, adapter_id, weights, optimizer_state
+        )
+        self._training.add(session)
+        return session
+
+    async def load_adapter(self, adapter_id: str, weights: bytes) -> None:
+        """Load a saved adapter (safetensors bytes) under ``adapter_id`` for inference or more training.
+
+        Raises:
+            ConfigError: the name is malformed or taken.
+            CheckpointError: the file does not fit this trunk.
+        """
+        from ..training._config import check_adapter_id
+        from ..training._engine import from_safetensors
+        from ..training._lora import LoraAdapter
+
+        check_adapter_id(adapter_id)
+        worker = await self._ensure_worker()
+        try:
+            self._adapters.check_room(adapter_id)
+        except ValueError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{exc}.") from None
+        tensors, meta = await worker.run(from_safetensors, weights)
+        self._adapters.adapters[adapter_id] = await worker.run(LoraAdapter.from_tensors, self.trunk, tensors, meta, adapter_id)
+
+    async def delete_adapter(self, adapter_id: str) -> None:
+        """Forget the adapter ``adapter_id`` (sessions already using it keep it).
+
+        Raises:
+            SessionNotFound: no adapter of that name is loaded.
+        """
+        if self._adapters.adapters.pop(adapter_id, None) is None:
+            raise SessionNotFound(f"no adapter named {adapter_id!r} is loaded on this trunk.")
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return sorted(self._adapters.adapters)
+
+    @property
+    def pending_steps(self) -> int:
+        """Training steps waiting for their backward (all training sessions)."""
+        return len(self._pending)
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Stateless trunk forward over ``hidden (B, T, H)`` (no cache)."""
+        """Stateless trunk forward over ``hidden (B, T, H)`` (no cache).
+
+        ``attention_mask`` defaults to all ones and ``position_ids`` to positions counted
+        over the mask, as in :meth:`RemoteTrunk.forward`.
+        """
         worker = await self._ensure_worker()
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        if position_ids is None:
+            position_ids = prompt_positions(attention_mask)
         return await worker.run(_run_trunk, self.trunk, hidden, attention_mask, position_ids, None)
 
     async def info(self) -> dict[str, Any]:
@@ -108,6 +230,8 @@ class LocalTrunk:
             return
         for session in list(self._sessions):
             await session.aclose()
+        for training in list(self._training):
+            await training.aclose()
         self._closed = True
         if self._owns_worker and self._worker is not None:
             await self._worker.stop()
@@ -126,9 +250,10 @@ def _run_trunk(trunk: Any, hidden: torch.Tensor, mask: Any, positions: Any, cach
 class LocalTrunkSession(TrunkSession):
     """A session of a :class:`LocalTrunk`: a KV cache used on the trunk's worker thread."""
 
-    def __init__(self, owner: LocalTrunk, worker: StageWorker) -> None:
+    def __init__(self, owner: LocalTrunk, worker: StageWorker, adapter: Any = None) -> None:
         self._owner = owner
         self._worker = worker
+        self._adapter = adapter  # a LoraAdapter, or None for the base weights
         self._cache: Any = None
         self._closed = False
 
@@ -143,6 +268,10 @@ class LocalTrunkSession(TrunkSession):
             raise SessionNotFound("Cannot run a step on this trunk session, as it has been closed.")
         if self._cache is None:
             self._cache = self._owner.trunk.new_cache(hidden.shape[0])
+            if self._adapter is not None:
+                from ..training._lora import bind_adapter
+
+                bind_adapter(self._cache, self._adapter)
         return await self._worker.run(_run_trunk, self._owner.trunk, hidden, attention_mask, position_ids, self._cache)
 
     async def aclose(self) -> None:

@@ -1,0 +1,258 @@
+"""RemoteTrunk against an in-process AsyncGRPCComputeServer: equivalence, lifecycle, errors, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+
+import grpc
+import pytest
+import torch
+
+from splitlearn_async import (
+    AsyncGRPCComputeServer,
+    ClientClosed,
+    ClientConfig,
+    ConfigError,
+    LocalTrunk,
+    RemoteTrunk,
+    ServerConfig,
+    SessionNotFound,
+    SplitPipeline,
+    TrunkBusy,
+    TrunkError,
+    TrunkRejected,
+    TrunkTimeout,
+    TrunkUnavailable,
+    Unauthenticated,
+    split_model,
+)
+from splitlearn_async.client._errors import is_retryable, translate_rpc_error
+from splitlearn_async.errors import SplitLearnError
+from tiny_models import left_padded_batch, tiny_model
+
+
+@contextlib.asynccontextmanager
+async def served(trunk, config: ServerConfig | None = None):
+    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0, config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1.0)
+
+
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_remote_generate_equals_model_generate_with_left_padding_and_eos(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch([4, 9, 6], seed=5)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eos = int(free[1, ids.shape[1] + 2])
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    bottom, trunk, top = split_model(model, (2, 4))
+    async with served(trunk) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        async with SplitPipeline(bottom, remote, top) as pipeline:
+            got = await pipeline.generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+            sampled = [
+                await pipeline.generate(ids, mask, max_new_tokens=6, do_sample=True, top_k=10, seed=3) for _ in range(2)
+            ]
+        assert server.sessions_open == 0
+    assert torch.equal(got, expected)
+    assert torch.equal(sampled[0], sampled[1])
+
+
+async def test_remote_stateless_forward_and_info_match_local():
+    model = tiny_model("qwen2")
+    bottom, trunk, top = split_model(model, (1, 5))
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    async with served(trunk) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        got = await remote.forward(hidden, mask)
+        info = await remote.info()
+    async with LocalTrunk(trunk) as local:
+        expected = await local.forward(hidden, mask)
+    assert torch.equal(got, expected)
+    assert info["layer_range"] == [1, 5]
+    assert info["hidden_size"] == model.config.hidden_size
+
+
+async def test_use_after_close_fails_with_a_sentence():
+    model = tiny_model("llama")
+    _, trunk, _ = split_model(model, (2, 4))
+    async with served(trunk) as server:
+        remote = RemoteTrunk(f"127.0.0.1:{server.port}")
+        session = await remote.open_session()
+        await remote.aclose()
+        await remote.aclose()  # idempotent
+        with pytest.raises(ClientClosed, match=r"^Cannot open a session, as the RemoteTrunk has been closed\.$"):
+            await remote.open_session()
+        with pytest.raises(ClientClosed, match="has been closed"):
+            await session.forward(torch.randn(1, 2, 64), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None])
+        with pytest.raises(ClientClosed, match="has been closed"):
+            await remote.info()
+
+
+def test_bad_address_and_config_are_clear():
+    with pytest.raises(ConfigError, match="lacks a valid port"):
+        RemoteTrunk("localhost")
+    with pytest.raises(ConfigError, match="needs an address"):
+        RemoteTrunk("")
+    with pytest.raises(ConfigError, match="must be a ClientConfig"):
+        RemoteTrunk("127.0.0.1:1", config={"step_timeout_s": 1})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="step_timeout_s must be a number > 0"):
+        ClientConfig(step_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_backoff_s"):
+        ClientConfig(initial_backoff_s=3.0, max_backoff_s=1.0)
+    with pytest.raises(ConfigError, match="wire_dtype"):
+        ClientConfig(wire_dtype="int8")
+
+
+async def test_server_errors_map_to_the_tree_and_are_never_retried():
+    model = tiny_model("gpt2")
+    bottom, trunk, top = split_model(model, (2, 4))
+    config = ServerConfig(max_session_tokens=16, auth_token="s3cret")
+    async with served(trunk, config) as server:
+        address = f"127.0.0.1:{server.port}"
+        async with RemoteTrunk(address, ClientConfig(auth_token="wrong")) as remote:
+            with pytest.raises(Unauthenticated, match="UNAUTHENTICATED: .*wrong bearer token"):
+                await remote.info()
+        async with RemoteTrunk(address, ClientConfig(auth_token="s3cret")) as remote:
+            session = await remote.open_session()
+            with pytest.raises(TrunkRejected, match="INVALID_ARGUMENT: .*hidden_states"):  # wrong hidden size
+                await session.forward(torch.randn(1, 3, 65), torch.ones(1, 3, dtype=torch.long), torch.arange(3)[None])
+            assert session.replays == 0
+            session = await remote.open_session()
+            with pytest.raises(TrunkBusy, match="RESOURCE_EXHAUSTED"):  # 2 x 9 tokens > 16
+                await session.forward(torch.randn(2, 9, 64), torch.ones(2, 9, dtype=torch.long), torch.arange(9).repeat(2, 1))
+            await session.aclose()
+            # a good session still works on the same channel after those failures
+            async with await remote.open_session() as good:
+                out = await good.forward(torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.long), torch.arange(3)[None])
+            assert out.shape == (1, 3, 64)
+        await wait_until(lambda: server.sessions_open == 0)
+
+
+def test_translation_covers_codes_and_retries_only_unavailable():
+    empty = grpc.aio.Metadata()
+    cases = {
+        grpc.StatusCode.UNAVAILABLE: TrunkUnavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: TrunkTimeout,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: TrunkBusy,
+        grpc.StatusCode.INVALID_ARGUMENT: TrunkRejected,
+        grpc.StatusCode.NOT_FOUND: SessionNotFound,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.INTERNAL: TrunkError,
+    }
+    for code, cls in cases.items():
+        err = translate_rpc_error(grpc.aio.AioRpcError(code, empty, empty, "the reason."), "a test call")
+        assert type(err) is cls
+        assert isinstance(err, SplitLearnError)
+        assert str(err) == f"a test call failed with {code.name}: the reason."
+        assert is_retryable(code) == (code is grpc.StatusCode.UNAVAILABLE)
+
+
+class _SlowTrunk:
+    """A trunk proxy whose forward sleeps first: a stand-in for an overloaded server."""
+
+    def __init__(self, trunk, delay_s: float) -> None:
+        self._trunk = trunk
+        self.delay_s = delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._trunk, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self.delay_s)  # runs on the server's worker thread
+        return self._trunk(*args, **kwargs)
+
+
+async def test_step_deadline_raises_trunk_timeout_and_frees_the_session():
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4])
+    async with served(_SlowTrunk(trunk, 1.0)) as server:
+        config = ClientConfig(step_timeout_s=0.2)
+        async with RemoteTrunk(f"127.0.0.1:{server.port}", config) as remote, SplitPipeline(bottom, remote, top) as p:
+            with pytest.raises(TrunkTimeout, match=r"step_timeout_s=0\.2 s"):
+                await p.generate(ids, mask, max_new_tokens=3)
+            with pytest.raises(TrunkTimeout, match="unary|did not finish"):
+                await remote.forward(torch.randn(1, 2, 64))
+        await wait_until(lambda: server.sessions_open == 0)
+
+
+async def test_generate_deadline_cancels_and_closes_the_session():
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4])
+    async with served(_SlowTrunk(trunk, 0.05)) as server:
+        async with RemoteTrunk(f"127.0.0.1:{server.port}") as remote, SplitPipeline(bottom, remote, top) as p:
+            with pytest.raises(TrunkTimeout, match=r"timeout_s=0\.3 s"):
+                await p.generate(ids, mask, max_new_tokens=50, timeout_s=0.3)
+            await wait_until(lambda: server.sessions_open == 0)
+            assert remote.sessions_open == 0
+
+
+async def test_cancelling_generate_closes_the_server_session():
+    model = tiny_model("gemma")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4, 2])
+    async with served(_SlowTrunk(trunk, 0.02)) as server:
+        async with RemoteTrunk(f"127.0.0.1:{server.port}") as remote, SplitPipeline(bottom, remote, top) as p:
+            task = asyncio.create_task(p.generate(ids, mask, max_new_tokens=200))
+            await wait_until(lambda: server.sessions_open == 1)
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await wait_until(lambda: server.sessions_open == 0)
+            assert server.cache_bytes == 0
+
+
+async def test_unreachable_server_gives_trunk_unavailable_after_the_retry_deadline():
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    async with served(trunk) as server:
+        port = server.port
+    # the server is gone: nothing listens on the port any more
+    config = ClientConfig(retry_deadline_s=0.5, initial_backoff_s=0.05, max_backoff_s=0.1)
+    async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote, SplitPipeline(bottom, remote, top) as p:
+        started = time.monotonic()
+        with pytest.raises(TrunkUnavailable, match=r"stayed unreachable for retry_deadline_s=0\.5 s \((\d+) attempts\)") as info:
+            await p.generate(*left_padded_batch([3]), max_new_tokens=2)
+        assert time.monotonic() - started < 30  # bounded: no hang (a generous bound, not a timing test)
+        attempts = int(re.search(r"\((\d+) attempts\)", str(info.value)).group(1))  # type: ignore[union-attr]
+        assert attempts >= 3  # it did retry, with backoff
+
+
+async def test_pipeline_refuses_a_trunk_of_other_split_points():
+    model = tiny_model("llama")
+    bottom, _, top = split_model(model, (2, 4))
+    _, other_trunk, _ = split_model(model, (1, 4))
+    async with served(other_trunk) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        async with SplitPipeline(bottom, remote, top) as p:
+            with pytest.raises(ConfigError, match=r"the trunk runs layers \[1, 4\) but the bottom ends at layer 2"):
+                await p.generate(*left_padded_batch([3]), max_new_tokens=2)
+        assert server.sessions_open == 0
+
+
+async def test_half_precision_wire_keeps_greedy_tokens_on_a_tiny_model():
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([5, 3])
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    async with served(trunk) as server:
+        async with RemoteTrunk(f"127.0.0.1:{server.port}", ClientConfig(wire_dtype="float32")) as remote:
+            async with SplitPipeline(bottom, remote, top) as p:
+                got = await p.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(got, expected)
