@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     # server
     "AsyncGRPCComputeServer": "splitlearn_async.server",
     "ServerConfig": "splitlearn_async.server",
+    "ServerProcess": "splitlearn_async.server._process",
     # client
     "SplitPipeline": "splitlearn_async.client",
     "StreamChunk": "splitlearn_async.client",
@@ -40,6 +41,12 @@ _EXPORTS: dict[str, str] = {
     "ClientConfig": "splitlearn_async.client",
     "TrunkSession": "splitlearn_async.client",
     "SamplingConfig": "splitlearn_async.models.decoding",
+    # training
+    "SplitTrainer": "splitlearn_async.training",
+    "TrainingConfig": "splitlearn_async.training",
+    "OptimizerConfig": "splitlearn_async.training",
+    "LoraConfig": "splitlearn_async.training",
+    "merge_adapter": "splitlearn_async.training",
     # errors
     "SplitLearnError": "splitlearn_async.errors",
     "ConfigError": "splitlearn_async.errors",
@@ -77,8 +84,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.positions import prompt_positions  # noqa: F401
     from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, StreamChunk, TrunkSession  # noqa: F401
     from .models.decoding import SamplingConfig  # noqa: F401
+    from .training import LoraConfig, OptimizerConfig, SplitTrainer, TrainingConfig, merge_adapter  # noqa: F401
     from .worker import StageWorker  # noqa: F401
     from .server import AsyncGRPCComputeServer, ServerConfig  # noqa: F401
+    from .server._process import ServerProcess  # noqa: F401
     from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 
 

@@ -2,16 +2,18 @@
 
 ``splitlearn split``  writes stage bundles (bottom/, trunk/, top/) from a model.
 ``splitlearn serve``  serves a trunk over gRPC.
-``splitlearn demo``   generates a chat answer from the embedded SmolLM2, streaming to the terminal.
+``splitlearn demo``   starts a local trunk server process and streams a chat answer from the embedded SmolLM2.
+``splitlearn generate`` streams an answer from a running trunk server.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 
@@ -64,14 +66,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="stream a chat answer from the embedded SmolLM2 through the three stages",
-        description="Generate a chat answer with the embedded SmolLM2-135M-Instruct split at --split, "
-        "streaming tokens to the terminal, then print tokens/s.",
+        help="start a local trunk server and stream a chat answer from the embedded SmolLM2",
+        description="Start a trunk server in a child process on a free port (embedded SmolLM2-135M-Instruct, "
+        "split at --split), stream a chat answer through bottom -> server trunk -> top, print tokens/s, "
+        "and stop the server.",
     )
     demo.add_argument("prompt", nargs="?", default="What is split learning, in two sentences?")
     demo.add_argument("--split", type=_split_arg, default=(3, 27), metavar="A,B", help="split points (default 3,27)")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
+    _add_generation_arguments(demo, max_new_tokens=96)
+
+    generate = sub.add_parser(
+        "generate",
+        help="stream an answer from a running trunk server",
+        description="Load bottom and top from --bundle, connect to the trunk server at --server and stream "
+        "the answer to PROMPT (through the chat template, unless --raw).",
+    )
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--server", required=True, metavar="HOST:PORT", help="address of the trunk server")
+    generate.add_argument("--bundle", required=True, help="bundle directory with bottom/, top/ and the tokenizer")
+    generate.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    generate.add_argument("--token", default=None, help="bearer token of the server")
+    generate.add_argument("--tls-root-cert", default=None, help="PEM root certificate to trust (turns TLS on)")
+    generate.add_argument("--wire-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                          help="dtype of hidden states on the wire (default: the model's, exact)")
+    _add_generation_arguments(generate, max_new_tokens=128)
     return parser
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_split(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
         if args.command == "serve":
             from .server._cli import serve_main
 
@@ -129,33 +159,67 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .models.decoding import stream_local
-    from .models.default import default_bundle, load_tokenizer
-    from .models.loading import load_stages
+    from .models.default import default_bundle
+    from .server._process import ServerProcess
 
     bundle = default_bundle(args.split, progress=True)
-    tokenizer = load_tokenizer(bundle)
-    bottom, trunk, top = load_stages(bundle)
-    chat = [{"role": "user", "content": args.prompt}]
-    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
-    started = time.perf_counter()
-    new: list[int] = []
-    shown = ""
-    for tokens in stream_local(
-        bottom, trunk, top, enc["input_ids"], enc["attention_mask"], args.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ):
-        token = int(tokens[0])
-        if token == tokenizer.eos_token_id:
-            break
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    elapsed = time.perf_counter() - started
-    print(f"\n[{len(new)} tokens in {elapsed:.2f}s: {len(new) / elapsed:.1f} tokens/s, split {args.split}]")
+    server = ServerProcess(bundle, extra_args=["--torch-threads", "1"])
+    print("starting the trunk server ...", flush=True)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"trunk server: pid {server.pid} on {server.address} (layers {args.split[0]}..{args.split[1] - 1})")
+        chat = [{"role": "user", "content": args.prompt}]
+        asyncio.run(_stream_answer(bundle, server.address, chat, args, client_config=None))
+    finally:
+        code = server.stop()
+        server.close()
+    print(f"trunk server stopped (exit code {code})")
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .client._config import ClientConfig
+
+    config = ClientConfig(auth_token=args.token, tls_root_cert_file=args.tls_root_cert, wire_dtype=args.wire_dtype)
+    prompt: Any = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    asyncio.run(_stream_answer(args.bundle, args.server, prompt, args, client_config=config))
+    return 0
+
+
+async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.Namespace, client_config: Any) -> None:
+    """Load bottom and top, stream the answer from the trunk at ``address``, print tokens/s."""
+    from .client import RemoteTrunk, SplitPipeline
+    from .models.default import load_tokenizer
+    from .models.loading import load_stages
+
+    tokenizer = load_tokenizer(bundle)
+    stages = load_stages(bundle, parts=("bottom", "top"))
+    shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    async with RemoteTrunk(address, client_config) as trunk, SplitPipeline(
+        stages.bottom, trunk, stages.top, tokenizer=tokenizer
+    ) as pipeline:
+        ids, mask = pipeline.encode(prompt)
+        print(f"user: {shown}\nassistant: ", end="", flush=True)
+        started = time.perf_counter()
+        first: float | None = None
+        count = 0
+        async for chunk in pipeline.stream(
+            ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        ):
+            first = first if first is not None else time.perf_counter() - started
+            count += 1  # one generated token per step (the final eos included)
+            print(chunk.text[0] if chunk.text else "", end="", flush=True)
+        elapsed = time.perf_counter() - started
+    rate = count / elapsed if elapsed > 0 else 0.0
+    print(
+        f"\n[{count} tokens in {elapsed:.2f} s: {rate:.1f} tokens/s, first token after {first or 0.0:.2f} s; "
+        f"bottom and top here, trunk at {address}]"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

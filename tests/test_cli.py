@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from splitlearn_async import load_stages
+from splitlearn_async import ServerProcess, default_bundle, load_stages
+from splitlearn_async.models.decoding import generate_local
+from splitlearn_async.models.default import load_tokenizer
 from splitlearn_async.cli import main
 from tiny_models import tiny_model
 
@@ -39,9 +43,45 @@ def test_bad_split_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_streams_an_answer():
+def test_demo_runs_a_server_process_streams_and_stops_it():
     out = subprocess.run(
         [sys.executable, "-m", "splitlearn_async", "demo", "Say hello.", "--max-new-tokens", "8"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     assert "assistant:" in out.stdout and "tokens/s" in out.stdout
+    pid = int(re.search(r"trunk server: pid (\d+) on 127\.0\.0\.1:(\d+)", out.stdout).group(1))  # type: ignore[union-attr]
+    assert "trunk server stopped (exit code 0)" in out.stdout
+    assert not os.path.exists(f"/proc/{pid}")  # the child is gone, not left running
+
+
+@pytest.mark.slow
+def test_generate_streams_from_a_running_server_the_same_text_as_in_process():
+    bundle = default_bundle((3, 27))
+    tokenizer = load_tokenizer(bundle)
+    bottom, trunk, top = load_stages(bundle)
+    chat = [{"role": "user", "content": "Name a colour."}]
+    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = generate_local(bottom, trunk, top, enc["input_ids"], enc["attention_mask"], 10,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    with ServerProcess(bundle, extra_args=["--torch-threads", "1"]) as server:
+        out = subprocess.run(
+            [sys.executable, "-m", "splitlearn_async", "generate", "--server", server.address, "--bundle", str(bundle),
+             "--max-new-tokens", "10", "Name a colour."],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"assistant: {expected}\n" in out.stdout
+    assert "10 tokens" in out.stdout or "tokens in" in out.stdout
+
+
+def test_generate_with_a_bundle_lacking_a_tokenizer_fails_in_one_line(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "hf")
+    out = subprocess.run(
+        [sys.executable, "-m", "splitlearn_async", "generate", "--server", "127.0.0.1:1", "--bundle", str(tmp_path),
+         "hello"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: ") and "no tokenizer/ directory" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -99,6 +99,7 @@ class RemoteTrunk:
         self._channel: grpc.aio.Channel | None = None
         self._sessions: set[RemoteTrunkSession] = set()
         self._closed = False
+        self.replays = 0  #: completed replays after a broken stream, over all sessions
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class RemoteTrunkSession(TrunkSession):
         self._sent: list[bytes] = []  # bodies answered so far, for replay (open first)
         self._steps = 0
         self._closed = False
-        self.replays = 0  #: how many times this session reopened its stream and replayed
+        self.replays = 0  #: completed replays: times this session reopened its stream and rebuilt the cache
 
     @property
     def steps(self) -> int:
@@ -363,10 +364,11 @@ class RemoteTrunkSession(TrunkSession):
                 proto.METHOD_SESSION, request_serializer=_identity, response_deserializer=_identity
             )(metadata=self._owner._metadata)
             if self._sent:
-                self.replays += 1
                 logger.info("trunk session %s: replaying %d messages on a new stream", self.session_id, len(self._sent))
                 for i, old in enumerate(self._sent):
                     await self._exchange(old, f"replay of message {i} of trunk session {self.session_id}")
+                self.replays += 1
+                self._owner.replays += 1
         return await self._exchange(body, what)
 
     async def _exchange(self, body: bytes, what: str) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 from splitlearn_async.errors import ConfigError
@@ -30,6 +31,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     parser.add_argument("--token", default=None, help="require 'authorization: Bearer <token>'")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the worker")
+    parser.add_argument(
+        "--port-file", default=None,
+        help="once serving, write the bound port to this file (for scripts that start the server with --port 0)",
+    )
 
 
 def _split_points(text: str | None) -> tuple[int, int] | None:
@@ -40,6 +45,14 @@ def _split_points(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         raise ConfigError(f"--split must be two integers a,b such as 3,27, got {text!r}.") from None
     return a, b
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """Write ``port`` to ``path`` atomically, so a reader never sees a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -73,6 +86,8 @@ def serve_main(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with AsyncGRPCComputeServer(trunk, args.host, args.port, config) as server:
             logger.info("serving trunk layers %s on %s:%s", list(trunk.layer_range), args.host, server.port)
+            if args.port_file:
+                _write_port_file(args.port_file, server.port)
             await stop.wait()
             logger.info("stopping (grace 5 s)")
 

@@ -1,0 +1,108 @@
+"""A trunk server process killed mid-generation and restarted on the same port: same tokens.
+
+The server runs as a real ``splitlearn serve`` process; the test kills it with SIGKILL between
+two decode steps, starts a new one on the same port, and the client (which retries only
+``UNAVAILABLE``, with backoff) reopens its session and replays what it had sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitlearn_async import ClientConfig, RemoteTrunk, SplitPipeline, TrunkUnavailable, save_stages, split_model
+from tiny_models import left_padded_batch, tiny_model
+
+
+def _start_server(bundle: Path, port: int, port_file: Path) -> subprocess.Popen[bytes]:
+    port_file.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "splitlearn_async", "serve", "--bundle", str(bundle),
+        "--port", str(port), "--port-file", str(port_file), "--torch-threads", "1",
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def _wait_port(proc: subprocess.Popen[bytes], port_file: Path, timeout_s: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the server did not start in time"
+        await asyncio.sleep(0.05)
+    return int(port_file.read_text())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path):
+    model = tiny_model("llama", num_layers=6)
+    save_stages(split_model(model, (2, 4)), tmp_path / "bundle")
+    return model, tmp_path / "bundle"
+
+
+async def test_kill_and_restart_mid_generation_gives_identical_tokens(tiny_bundle, tmp_path):
+    model, bundle = tiny_bundle
+    bottom, _, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([6, 3], seed=2)
+    new_tokens = 12
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
+    port_file = tmp_path / "port"
+    proc = _start_server(bundle, 0, port_file)
+    try:
+        port = await _wait_port(proc, port_file)
+        config = ClientConfig(retry_deadline_s=90.0, initial_backoff_s=0.05, max_backoff_s=0.5)
+        async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote, SplitPipeline(bottom, remote, top) as pipeline:
+            steps = []
+            async for chunk in pipeline.stream(ids, mask, max_new_tokens=new_tokens, pad_token_id=0):
+                steps.append(chunk.tokens[:, None])
+                if len(steps) == 4:  # kill the server between two decode steps, start a new one
+                    proc.kill()
+                    proc.wait()
+                    _stop(proc)
+                    proc = _start_server(bundle, port, port_file)
+            got = torch.cat([ids, *steps], dim=1)
+            assert remote.replays == 1
+        assert torch.equal(got, expected)
+    finally:
+        _stop(proc)
+
+
+async def test_server_that_does_not_come_back_gives_trunk_unavailable(tiny_bundle, tmp_path):
+    model, bundle = tiny_bundle
+    bottom, _, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4], seed=1)
+    port_file = tmp_path / "port"
+    proc = _start_server(bundle, 0, port_file)
+    try:
+        port = await _wait_port(proc, port_file)
+        config = ClientConfig(retry_deadline_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+        async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote, SplitPipeline(bottom, remote, top) as pipeline:
+            with pytest.raises(TrunkUnavailable, match="stayed unreachable for retry_deadline_s=1.0 s"):
+                async for _ in pipeline.stream(ids, mask, max_new_tokens=10):
+                    if proc.poll() is None:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        proc.wait()
+    finally:
+        _stop(proc)
