@@ -48,6 +48,17 @@ class ServerConfig:
         batching: False turns batching off in the worker (for comparisons).
         sweep_interval_s: Seconds between sweeps for idle sessions; ``None`` picks
             ``min(1, session_ttl_s / 4)``.
+        allow_full_training: Let clients open ``mode="full"`` training sessions, which
+            change the served trunk's own weights for every session (LoRA training never
+            does). Off by default; such a session is refused with ``FAILED_PRECONDITION``.
+        max_training_sessions: Most training sessions open at once (an idle one expires
+            after ``session_ttl_s``).
+        max_pending_steps: Most training forwards kept waiting for their ``Backward`` (each
+            keeps its autograd graph: activations of B x T tokens); one more gets
+            ``RESOURCE_EXHAUSTED``.
+        pending_step_ttl_s: Seconds a training forward's graph is kept without a
+            ``Backward``; then it is freed and its step id answers ``NOT_FOUND``.
+        max_adapters: Most LoRA adapters loaded at once.
 
     Raises:
         ConfigError: a field is out of range; the message names the value and the fix.
@@ -68,6 +79,11 @@ class ServerConfig:
     max_batch_delay_s: float = 0.0
     batching: bool = True
     sweep_interval_s: float | None = None
+    allow_full_training: bool = False
+    max_training_sessions: int = 16
+    max_pending_steps: int = 16
+    pending_step_ttl_s: float = 60.0
+    max_adapters: int = 64
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -115,6 +131,12 @@ class ServerConfig:
             )
         if self.sweep_interval_s is not None:
             _positive_number("sweep_interval_s", self.sweep_interval_s, "or None for the default")
+        if not isinstance(self.allow_full_training, bool):
+            raise ConfigError(f"ServerConfig.allow_full_training must be True or False, got {self.allow_full_training!r}.")
+        _positive_int("max_training_sessions", self.max_training_sessions, "e.g. 16")
+        _positive_int("max_pending_steps", self.max_pending_steps, "e.g. 16")
+        _positive_number("pending_step_ttl_s", self.pending_step_ttl_s, "e.g. 60 seconds")
+        _positive_int("max_adapters", self.max_adapters, "e.g. 64")
 
     @property
     def tls(self) -> bool:

@@ -28,6 +28,7 @@ from splitlearn_async.errors import ConfigError, WireError
 from splitlearn_async.server._config import ServerConfig
 from splitlearn_async.server._metrics import NullMetrics, ServerMetrics
 from splitlearn_async.server._sessions import Session, SessionStore, SessionTooLong, StoreFull
+from splitlearn_async.server._training import TrainingService
 from splitlearn_async.wire import WIRE_DTYPES, Kind, unpack
 from splitlearn_async.worker import StageWorker, WorkerDied, WorkerStopped
 
@@ -97,6 +98,7 @@ class AsyncGRPCComputeServer:
         self._port: int | None = None
         self._stopping = False
         self._stopped = False
+        self.training = TrainingService(self)  # training methods, kept graphs, LoRA adapters
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class AsyncGRPCComputeServer:
             "Info": grpc.unary_unary_rpc_method_handler(
                 self._info, request_deserializer=_identity, response_serializer=_identity),
         }
+        handlers.update(self.training.handlers())
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE_NAME, handlers),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -180,6 +183,7 @@ class AsyncGRPCComputeServer:
                 await self._sweeper
             except asyncio.CancelledError:
                 pass
+        await self.training.stop()
         await self.worker.stop(grace)
         for session in self.store.sessions():
             self.store.close(session)
@@ -241,6 +245,7 @@ class AsyncGRPCComputeServer:
             "max_message_bytes": c.max_message_bytes,
             "auth": c.auth_token is not None,
             "version": __version__,
+            **self.training.info(),
         }
 
     # --- handlers ------------------------------------------------------------------------
@@ -295,6 +300,7 @@ class AsyncGRPCComputeServer:
         session.busy = True
         try:
             session.cache = await self.worker.run(self.trunk.new_cache, rows)
+            await self.training.open_session_adapter(session, inputs.adapter_id, context)
         except BaseException:
             self.store.close(session)
             raise

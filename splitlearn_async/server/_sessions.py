@@ -41,6 +41,8 @@ class Session:
         expired: Set when the sweeper expired it; the stream answers its next message with NOT_FOUND.
         cache: The trunk's KV cache (owned by the servicer).
         cache_bytes: Bytes the cache held after its last step.
+        adapter_id: The LoRA adapter the session runs with (None = base weights); part of
+            the batch key, since one trunk call uses one adapter.
     """
 
     session_id: str
@@ -51,6 +53,7 @@ class Session:
     expired: bool = False
     cache: Any = None
     cache_bytes: int = 0
+    adapter_id: str | None = None
     _closed: bool = field(default=False, repr=False)
     _key: int = field(default=0, repr=False)
 

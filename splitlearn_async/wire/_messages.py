@@ -53,6 +53,9 @@ class Kind(str, enum.Enum):
     BACKWARD = "backward"
     RESULT = "result"
     ERROR = "error"
+    SAVE = "save"
+    LOAD = "load"
+    DELETE = "delete"
 
     def __str__(self) -> str:
         return self.value

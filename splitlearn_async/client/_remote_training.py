@@ -1,0 +1,167 @@
+"""Training sessions on a trunk server, over a :class:`RemoteTrunk`'s unary calls.
+
+``open_remote_training(remote_trunk, mode, ...)`` sends ``TrainOpen`` and returns a
+:class:`RemoteTrainingSession` with the :class:`TrainingSession` interface; adapters are
+managed with :func:`load_remote_adapter` and :func:`delete_remote_adapter`. Every call
+goes through ``RemoteTrunk.unary`` (its deadline, token and error translation) with
+``retry=False``: a ``Backward`` may already have stepped the optimizer when a connection
+breaks, so repeating it could apply a gradient twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .. import protocol as proto
+from ..errors import ClientClosed, TrunkError, WireError
+from ..training._config import LoraConfig, OptimizerConfig, check_adapter_id
+from ._training import TrainingSession, TrunkState
+
+__all__ = ["RemoteTrainingSession", "open_remote_training", "load_remote_adapter", "delete_remote_adapter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _reply(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        return proto.parse_reply(body)
+    except WireError as exc:
+        raise TrunkError(f"the server's reply to {what} is malformed: {exc}") from exc
+
+
+async def open_remote_training(
+    remote: Any,
+    mode: str = "lora",
+    *,
+    lora: LoraConfig | None = None,
+    optimizer: OptimizerConfig | None = None,
+    adapter_id: str | None = None,
+    weights: bytes | None = None,
+    optimizer_state: bytes | None = None,
+) -> RemoteTrainingSession:
+    """Open a training session on the server behind ``remote`` (a :class:`RemoteTrunk`).
+
+    Args:
+        remote: The RemoteTrunk (its ``unary`` coroutine and ``config.wire_dtype`` are used).
+        mode: ``"lora"``, ``"full"`` (the server must allow it) or ``"frozen"``.
+        lora: Settings of a new adapter.
+        optimizer: The server-side optimizer's settings; default ``OptimizerConfig()``.
+        adapter_id: Train the loaded adapter of this name, or create it under this name.
+        weights: Safetensors bytes to start from.
+        optimizer_state: Safetensors bytes of a saved optimizer state.
+
+    Returns:
+        The session.
+
+    Raises:
+        ConfigError: a malformed adapter id.
+        TrunkRejected: the server refused the settings (or full training is not allowed).
+        TrunkBusy: too many training sessions or adapters.
+        TrunkError: any other failure.
+    """
+    check_adapter_id(adapter_id, "adapter_id", allow_none=True)
+    body = proto.build_train_open(
+        mode, (optimizer or OptimizerConfig()).to_wire(), (lora or LoraConfig()).to_wire() if mode == "lora" else None,
+        adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state,
+    )
+    what = f"opening a {mode} training session"
+    reply = _reply(await remote.unary(proto.METHOD_TRAIN_OPEN, body, what=what, retry=False), what)
+    return RemoteTrainingSession(remote, reply)
+
+
+async def load_remote_adapter(remote: Any, adapter_id: str, weights: bytes) -> None:
+    """Load a saved adapter (safetensors bytes) on the server under ``adapter_id``.
+
+    Raises:
+        TrunkRejected: the file does not fit the server's trunk.
+        TrunkError: the name is taken (``ALREADY_EXISTS``) or another failure.
+    """
+    check_adapter_id(adapter_id)
+    what = f"loading adapter {adapter_id!r}"
+    await remote.unary(proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter(adapter_id, weights), what=what, retry=False)
+
+
+async def delete_remote_adapter(remote: Any, adapter_id: str) -> None:
+    """Unload the server's adapter ``adapter_id``.
+
+    Raises:
+        SessionNotFound: no such adapter.
+        TrunkRejected: it is being trained.
+    """
+    what = f"deleting adapter {adapter_id!r}"
+    await remote.unary(proto.METHOD_DELETE_ADAPTER, proto.build_delete_adapter(adapter_id), what=what, retry=False)
+
+
+class RemoteTrainingSession(TrainingSession):
+    """A training session on a trunk server (see :class:`TrainingSession` for the methods)."""
+
+    def __init__(self, remote: Any, opened: dict[str, Any]) -> None:
+        self._remote = remote
+        try:
+            self.training_id = str(opened["training_id"])
+            self.mode = str(opened["mode"])
+        except KeyError as exc:
+            raise TrunkError(f"the server's reply to TrainOpen lacks {exc}; is it a splitlearn-async server?") from None
+        self.adapter_id = opened.get("adapter_id")
+        self.trainable_parameters = int(opened.get("trainable_parameters", 0))
+        self._wire_dtype = getattr(remote, "_wire_dtype", None)
+        self._closed = False
+
+    def _check(self, action: str) -> None:
+        if self._closed:
+            raise ClientClosed(f"Cannot {action}, as this training session has been closed.")
+
+    async def _call(self, method: str, body: bytes, what: str) -> bytes:
+        reply: bytes = await self._remote.unary(method, body, what=f"{what} of training session {self.training_id}", retry=False)
+        return reply
+
+    async def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        self._check("run a training forward")
+        body = proto.build_train_forward(self.training_id, hidden, attention_mask, position_ids, wire_dtype=self._wire_dtype)
+        reply = await self._call(proto.METHOD_TRAIN_FORWARD, body, "a training forward")
+        try:
+            out, step_id = proto.parse_train_forward_result(reply, hidden_size=hidden.shape[-1])
+        except WireError as exc:
+            raise TrunkError(f"the server's reply to a training forward is malformed: {exc}") from exc
+        if tuple(out.shape) != tuple(hidden.shape):
+            raise TrunkError(f"the server answered a training forward with shape {list(out.shape)}, expected {list(hidden.shape)}.")
+        return out.to(hidden.dtype), step_id  # (B, T, H)
+
+    async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
+        self._check("run a backward")
+        body = proto.build_backward(self.training_id, step_id, grad_output, apply=apply, wire_dtype=self._wire_dtype)
+        reply = await self._call(proto.METHOD_BACKWARD, body, f"the backward of step {step_id}")
+        try:
+            grad_in, _ = proto.parse_backward_result(reply, hidden_size=grad_output.shape[-1])
+        except WireError as exc:
+            raise TrunkError(f"the server's reply to a backward is malformed: {exc}") from exc
+        return grad_in.to(grad_output.dtype)  # (B, T, H)
+
+    async def optimizer_step(self) -> int:
+        self._check("step the optimizer")
+        body = proto.build_training_call(proto.Kind.STEP, self.training_id)
+        reply = _reply(await self._call(proto.METHOD_OPTIMIZER_STEP, body, "an optimizer step"), "an optimizer step")
+        return int(reply.get("optimizer_steps", 0))
+
+    async def state(self, *, optimizer: bool = True) -> TrunkState:
+        self._check("save the training state")
+        body = proto.build_training_call(proto.Kind.SAVE, self.training_id, optimizer=optimizer)
+        reply = _reply(await self._call(proto.METHOD_TRAIN_SAVE, body, "saving the state"), "saving the state")
+        return TrunkState(self.mode, bytes(reply.get("weights", b"")), reply.get("optimizer_state"), self.adapter_id)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if getattr(self._remote, "closed", False):
+            return  # the channel is gone; the server frees the session when it expires
+        body = proto.build_training_call(proto.Kind.CLOSE, self.training_id)
+        try:
+            await self._call(proto.METHOD_TRAIN_CLOSE, body, "closing")
+        except TrunkError as exc:  # the server may have expired it already
+            logger.info("closing training session %s: %s", self.training_id, exc)

@@ -1,0 +1,264 @@
+"""``SplitTrainer``: one training step through bottom -> trunk -> top and back.
+
+One :meth:`SplitTrainer.step` is::
+
+    client worker   hidden = bottom(ids)                       (B, T, H), graph kept
+    trunk           out, step_id = trunk.forward(hidden)       (B, T, H), graph kept there
+    client worker   loss = loss_fn(top(out), labels); loss.backward()  -> top grads, d loss/d out
+    trunk           d_in = trunk.backward(step_id, d out)      (B, T, H); trunk optimizer steps
+    client worker   hidden.backward(d_in)                      -> bottom grads; client optimizer steps
+
+so the gradients are exactly those of the unsplit model. Bottom and top run on the
+client's :class:`~splitlearn_async.worker.StageWorker`, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ClientClosed, ConfigError
+from ..worker import StageWorker
+from ._config import TrainingConfig
+
+__all__ = ["SplitTrainer", "causal_lm_loss", "IGNORE_INDEX"]
+
+logger = logging.getLogger(__name__)
+
+#: Labels equal to this are left out of the loss (padding), as in Hugging Face.
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: ``logits (B, T, V)`` at ``t`` predict ``labels (B, T)`` at ``t + 1``.
+
+    Labels equal to :data:`IGNORE_INDEX` are left out.
+
+    Raises:
+        ValueError: no label is left to predict.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        raise ValueError("the batch has no label to predict; give sequences of at least two real tokens.")
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class SplitTrainer:
+    """Trains a split model: bottom and top here, the trunk behind a training session.
+
+    Use ``async with SplitTrainer(bottom, trunk, top, TrainingConfig(...)) as trainer:``
+    and ``loss = await trainer.step(batch)``. Many trainers (and generations) may share
+    one event loop; each step awaits its worker calls and the trunk, and blocks nothing.
+
+    Args:
+        bottom: The client's :class:`BottomStage`.
+        trunk: A ``LocalTrunk`` or a ``RemoteTrunk`` (anything with ``open_training``, or a
+            ``RemoteTrunk``'s ``unary`` call).
+        top: The client's :class:`TopStage`.
+        config: What trains and how; ``None`` uses ``TrainingConfig()`` (LoRA on the trunk).
+        loss_fn: ``loss_fn(logits (B, T, V), labels (B, T)) -> scalar``; default
+            :func:`causal_lm_loss`.
+        worker: The worker thread for bottom and top; by default the trainer starts its own
+            on first use and stops it in :meth:`aclose`.
+
+    Raises:
+        ConfigError: ``config`` is not a :class:`TrainingConfig`, or nothing would train.
+    """
+
+    def __init__(
+        self,
+        bottom: Any,
+        trunk: Any,
+        top: Any,
+        config: TrainingConfig | None = None,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        worker: StageWorker | None = None,
+    ) -> None:
+        config = TrainingConfig() if config is None else config
+        if not isinstance(config, TrainingConfig):
+            raise ConfigError(f"config must be a TrainingConfig, got {type(config).__name__}.")
+        self.bottom = bottom
+        self.trunk = trunk
+        self.top = top
+        self.config = config
+        self.loss_fn = loss_fn or causal_lm_loss
+        params: dict[int, torch.nn.Parameter] = {}
+        for stage, wanted in ((bottom, config.train_bottom), (top, config.train_top)):
+            if wanted:
+                params.update({id(p): p for p in stage.parameters() if p.requires_grad})
+        self.client_parameters = list(params.values())
+        self.optimizer = config.optimizer.build(self.client_parameters) if self.client_parameters else None
+        if self.optimizer is None and config.trunk == "frozen":
+            raise ConfigError("nothing would train: train_bottom and train_top are off and the trunk is frozen.")
+        self._worker = worker
+        self._owns_worker = worker is None
+        self._session: Any = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+        self.micro_steps = 0  #: step() calls so far
+        self.optimizer_steps = 0  #: optimizer steps so far (client and trunk step together)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def _ensure_worker(self) -> StageWorker:
+        if self._closed:
+            raise ClientClosed("Cannot train, as the SplitTrainer has been closed.")
+        if self._worker is None:
+            self._worker = StageWorker(name="splitlearn-trainer")
+        if not self._worker.is_running:
+            await self._worker.start()
+        return self._worker
+
+    async def session(self) -> Any:
+        """The trunk's training session, opened on first use.
+
+        Raises:
+            ConfigError: the trunk offers no training interface.
+            TrunkError: the trunk refused to open the session.
+        """
+        async with self._open_lock:
+            if self._session is None:
+                c = self.config
+                kwargs: dict[str, Any] = dict(
+                    lora=c.lora, optimizer=c.effective_trunk_optimizer,
+                    adapter_id=c.adapter_id if c.trunk == "lora" else None,
+                )
+                if hasattr(self.trunk, "open_training"):
+                    self._session = await self.trunk.open_training(c.trunk, **kwargs)
+                elif hasattr(self.trunk, "unary"):
+                    from ..client._remote_training import open_remote_training
+
+                    self._session = await open_remote_training(self.trunk, c.trunk, **kwargs)
+                else:
+                    raise ConfigError(
+                        f"{type(self.trunk).__name__} cannot train: pass a LocalTrunk or a RemoteTrunk."
+                    )
+        return self._session
+
+    @property
+    def adapter_id(self) -> str | None:
+        """The trunk adapter being trained (after the first step), for inference sessions."""
+        return getattr(self._session, "adapter_id", None)
+
+    async def aclose(self) -> None:
+        """Close the trunk's training session (a trained adapter stays loaded there) and the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._session is not None:
+            await self._session.aclose()
+        if self._owns_worker and self._worker is not None:
+            await self._worker.stop()
+
+    async def __aenter__(self) -> SplitTrainer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- training ----------------------------------------------------------------------------
+
+    async def step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+        """One micro-batch: forward, backward through all three stages, and (every
+        ``accumulation_steps``-th call) one optimizer step on the client and the trunk.
+
+        Args:
+            batch: ``input_ids (B, T)``, or a map with ``input_ids`` and optionally
+                ``attention_mask (B, T)`` (1 = real token), ``labels (B, T)`` (default: the
+                ids, :data:`IGNORE_INDEX` where the mask is 0) and ``position_ids (B, T)``
+                (default: counted over the mask).
+
+        Returns:
+            This micro-batch's loss (not divided by ``accumulation_steps``).
+
+        Raises:
+            ValueError: the batch is malformed.
+            TrunkError: the trunk failed (the step's client gradients are discarded).
+        """
+        worker = await self._ensure_worker()
+        session = await self.session()
+        apply = (self.micro_steps + 1) % self.config.accumulation_steps == 0
+        scale = 1.0 / self.config.accumulation_steps
+        bottom_graph, hidden, mask, positions, labels = await worker.run(self._bottom_forward, batch)
+        try:
+            out, step_id = await session.forward(hidden, mask, positions)  # (B, T, H)
+            loss, grad_out = await worker.run(self._top_forward_backward, out, mask, positions, labels, scale)
+            grad_in = await session.backward(step_id, grad_out, apply=apply)  # (B, T, H)
+            await worker.run(self._bottom_backward, bottom_graph, grad_in, apply)
+        except BaseException:
+            await worker.run(self._discard_client_grads)
+            raise
+        self.micro_steps += 1
+        if apply:
+            self.optimizer_steps += 1
+        return loss
+
+    async def save_trunk(self, directory: str | Path, *, optimizer: bool = True) -> list[Path]:
+        """Save what the trunk trained (adapter or weights, plus optimizer state) as safetensors.
+
+        Returns:
+            The files written (``adapter.safetensors``/``trunk.safetensors``, ``trunk_optimizer.safetensors``).
+        """
+        session = await self.session()
+        state = await session.state(optimizer=optimizer)
+        return await asyncio.to_thread(state.save, directory)
+
+    # --- worker-thread halves ----------------------------------------------------------------
+
+    def _bottom_forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[Any, ...]:
+        """(client worker) Bottom forward keeping its graph; returns what the trunk needs."""
+        from ..models.positions import prompt_positions
+
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        if "input_ids" not in batch:
+            raise ValueError(f"a training batch needs 'input_ids'; it has {sorted(batch)}.")
+        ids = batch["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be (batch, tokens) with at least 2 tokens, got shape {list(ids.shape)}.")
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids.")
+        positions = batch.get("position_ids")
+        positions = prompt_positions(mask) if positions is None else positions.to(torch.long)
+        labels = batch.get("labels")
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
+        device = self.bottom.device
+        hidden = self.bottom(ids.to(device), mask.to(device), positions.to(device))  # (B, T, H), with graph
+        sent = hidden.detach().to("cpu")  # what crosses to the trunk
+        return hidden, sent, mask, positions, labels
+
+    def _top_forward_backward(
+        self, out: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, scale: float
+    ) -> tuple[float, torch.Tensor]:
+        """(client worker) Top forward + loss + backward; returns (loss, d loss/d trunk output)."""
+        device = self.top.device
+        out_leaf = out.detach().to(device=device, dtype=self.top.dtype).requires_grad_(True)  # (B, T, H)
+        logits = self.top(out_leaf, mask.to(device), positions.to(device))  # (B, T, V)
+        loss = self.loss_fn(logits, labels)
+        (loss * scale).backward()
+        assert out_leaf.grad is not None
+        return float(loss.detach()), out_leaf.grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
+
+    def _bottom_backward(self, hidden: torch.Tensor, grad_in: torch.Tensor, apply: bool) -> None:
+        """(client worker) Finish the backward into the bottom; step the client optimizer if ``apply``."""
+        hidden.backward(grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
+        if apply and self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _discard_client_grads(self) -> None:
+        for p in self.client_parameters:
+            p.grad = None
