@@ -256,3 +256,54 @@ async def test_half_precision_wire_keeps_greedy_tokens_on_a_tiny_model():
             async with SplitPipeline(bottom, remote, top) as p:
                 got = await p.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+@contextlib.asynccontextmanager
+async def failing_server(code: grpc.StatusCode):
+    """A server whose every Forward call fails with ``code``; yields (port, call timestamps)."""
+    calls: list[float] = []
+
+    async def forward(body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        calls.append(time.monotonic())
+        await context.abort(code, "made to fail.")
+        return b""  # pragma: no cover
+
+    from splitlearn_async import protocol as proto
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(forward)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE_NAME, {"Forward": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port, calls
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "code, error",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, TrunkRejected),
+        (grpc.StatusCode.NOT_FOUND, SessionNotFound),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, TrunkBusy),
+        (grpc.StatusCode.INTERNAL, TrunkError),
+    ],
+)
+async def test_only_unavailable_is_retried(code, error):
+    config = ClientConfig(retry_deadline_s=0.5, initial_backoff_s=0.05, max_backoff_s=0.1)
+    async with failing_server(code) as (port, calls), RemoteTrunk(f"127.0.0.1:{port}", config) as remote:
+        with pytest.raises(error, match="made to fail"):
+            await remote.forward(torch.randn(1, 2, 8))
+    assert len(calls) == 1  # one call, no retry
+
+
+async def test_unavailable_is_retried_with_growing_backoff():
+    config = ClientConfig(retry_deadline_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.4, backoff_multiplier=2.0)
+    async with failing_server(grpc.StatusCode.UNAVAILABLE) as (port, calls), RemoteTrunk(f"127.0.0.1:{port}", config) as remote:
+        with pytest.raises(TrunkUnavailable, match="made to fail"):
+            await remote.forward(torch.randn(1, 2, 8))
+    # waits of ~0.05, 0.1, 0.2, 0.4, 0.4 ... fit in 1 s: a handful of calls, not a busy loop
+    assert 3 <= len(calls) <= 8
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[-1] > gaps[0]  # the waits grow (ordering of two gaps, not a time limit)
