@@ -292,14 +292,14 @@ async def open_local_training(
                 registry.check_room(adapter_id)
             except PendingFull as exc:
                 raise TrunkBusy(str(exc)) from None
-            adapter = await worker.run(create_adapter, owner.trunk, lora or LoraConfig(), adapter_id)
+            adapter = await worker.run(create_adapter, owner.trunk, lora or LoraConfig(), adapter_id, weights)
             registry.adapters[adapter_id] = adapter
             created = True
     elif adapter_id is not None:
         raise ConfigError(f"adapter_id={adapter_id!r} is only meaningful for mode='lora', not {mode!r}.")
     try:
         trainer = await worker.run(TrunkTrainer, owner.trunk, mode, optimizer, adapter)
-        if weights:
+        if weights and not created:  # a new adapter was built from them already
             tensors, _ = await worker.run(from_safetensors, weights)
             await worker.run(trainer.load_weights, tensors)
         if optimizer_state:

@@ -178,10 +178,10 @@ class TrainingService:
         except (WireError, ConfigError) as exc:
             await _abort(context, _Code.INVALID_ARGUMENT, _sentence(exc))
         await self._check_can_open(req.mode, context)
-        adapter, created = await self._adapter_for_training(req.adapter_id, lora, req.mode, context)
+        adapter, created = await self._adapter_for_training(req.adapter_id, lora, req.mode, req.weights, context)
         try:
             trainer = await self._run(context, TrunkTrainer, self.server.trunk, req.mode, optimizer, adapter)
-            if req.weights:
+            if req.weights and not created:  # a new adapter was built from them already
                 tensors, _ = await self._run(context, from_safetensors, req.weights)
                 await self._run(context, trainer.load_weights, tensors)
             if req.optimizer_state:
@@ -216,9 +216,9 @@ class TrainingService:
                 "changes the weights their kept graphs hold); close the other sessions first."))
 
     async def _adapter_for_training(
-        self, adapter_id: str | None, lora: LoraConfig, mode: str, context: grpc.aio.ServicerContext
+        self, adapter_id: str | None, lora: LoraConfig, mode: str, weights: bytes | None, context: grpc.aio.ServicerContext
     ) -> tuple[LoraAdapter | None, bool]:
-        """The adapter a LoRA session trains: the loaded one of that name, or a new one."""
+        """The adapter a LoRA session trains: the loaded one of that name, or a new one (from ``weights`` if given)."""
         if mode != "lora":
             return None, False
         if adapter_id is not None and adapter_id in self.adapters.adapters:
@@ -231,7 +231,7 @@ class TrainingService:
             self.adapters.check_room(adapter_id)
         except PendingFull as exc:
             await _abort(context, _Code.RESOURCE_EXHAUSTED, str(exc))
-        adapter = await self._run(context, create_adapter, self.server.trunk, lora, adapter_id)
+        adapter = await self._run(context, create_adapter, self.server.trunk, lora, adapter_id, weights)
         self.adapters.adapters[adapter_id] = adapter
         return adapter, True
 

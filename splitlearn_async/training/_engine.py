@@ -455,6 +455,15 @@ def serialize_state(trainer: TrunkTrainer, optimizer: bool) -> tuple[bytes, byte
     return weights, opt
 
 
-def create_adapter(trunk: Any, config: LoraConfig, adapter_id: str) -> LoraAdapter:
-    """(worker) A new adapter on ``trunk`` with ``config``'s settings."""
+def create_adapter(trunk: Any, config: LoraConfig, adapter_id: str, weights: bytes | None = None) -> LoraAdapter:
+    """(worker) A new adapter on ``trunk``: from saved ``weights`` (their metadata gives rank,
+    alpha and targets) if given, else initialised with ``config``'s settings.
+
+    Raises:
+        CheckpointError: ``weights`` is not an adapter file that fits ``trunk``.
+        ValueError: no layer of the trunk matches the target modules.
+    """
+    if weights:
+        tensors, meta = from_safetensors(weights)
+        return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)
     return LoraAdapter(trunk, config.rank, config.alpha, config.target_modules, config.dropout, config.seed, adapter_id)
