@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ATTENTION_NAME", "AttentionContext", "PlainContext", "CacheContext", "ensure_registered"]
+__all__ = ["ATTENTION_NAME", "AttentionContext", "PlainContext", "CacheContext", "GroupContext", "ensure_registered"]
 
 ATTENTION_NAME = "splitlearn"
 SUPPORTED_BASES = ("sdpa", "eager")
@@ -144,3 +144,31 @@ class CacheContext(AttentionContext):
 
     def keys_values(self, module, key, value):
         return self.cache.write(module.layer_idx, self.q_start, key, value)
+
+
+class GroupContext:
+    """Attention for a :class:`~splitlearn_async.models.cache.CacheGroup`: one batch, many caches.
+
+    The layer computes queries, keys and values for all rows of the batch at once; this
+    context cuts them by cache, lets each cache's :class:`CacheContext` write its keys and
+    values and attend over its own columns with its own mask, and joins the outputs. So the
+    rows of one cache give the very same attention result as when that cache runs alone.
+    """
+
+    def __init__(self, base: str, group: Any, q_len: int) -> None:
+        self.slices = group.slices()
+        self.contexts = [CacheContext(base, cache, q_len) for cache in group.caches]
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # (B, H, T, D), all rows of the group
+        key: torch.Tensor,  # (B, Hkv, T, D)
+        value: torch.Tensor,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        outputs = [
+            ctx.attend(module, query[rows], key[rows], value[rows], **kwargs)[0]  # (B_i, T, H, D)
+            for ctx, rows in zip(self.contexts, self.slices)
+        ]
+        return torch.cat(outputs, dim=0), None  # (B, T, H, D)

@@ -1,10 +1,10 @@
-"""The KV cache of one stage for one batch of sequences."""
+"""The KV cache of one stage for one batch of sequences, and groups of caches run as one batch."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "CacheGroup"]
 
 
 class KVCache:
@@ -94,3 +94,56 @@ class KVCache:
             buf[:, :, : self.length] = old[:, :, : self.length]
         store[layer] = buf
         return buf
+
+
+class CacheGroup:
+    """Several :class:`KVCache` objects run as one batch (selective batching across sessions).
+
+    The batch's rows are the caches' rows one after the other: rows
+    ``offsets[i]:offsets[i + 1]`` belong to ``caches[i]``. The linear layers, norms and MLPs
+    of a stage see all rows at once; attention is done per cache, each over its own columns
+    (see ``attention.GroupContext``), so caches of different lengths need no padding and
+    no copies. Every cache advances by the same number of new tokens ``T``.
+
+    Args:
+        caches: The caches, in batch-row order; each one at most once.
+
+    Raises:
+        ValueError: no caches, or a cache appears twice.
+    """
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        if not caches:
+            raise ValueError("a CacheGroup needs at least one cache.")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one CacheGroup; a session can take part in a batch once.")
+        self.caches = list(caches)
+        self.offsets = [0]
+        for cache in self.caches:
+            self.offsets.append(self.offsets[-1] + cache.batch_size)
+        self.batch_size = self.offsets[-1]
+
+    def slices(self) -> list[slice]:
+        """The batch rows of each cache."""
+        return [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """Default position ids ``(batch_size, length)``: each cache's columns so far + arange."""
+        return torch.cat([
+            torch.arange(c.length, c.length + length, device=device).expand(c.batch_size, length)
+            for c in self.caches
+        ])
+
+    def begin(self, new_valid: torch.Tensor) -> None:
+        """:meth:`KVCache.begin` of every cache with its rows of ``new_valid`` ``(batch_size, T)``."""
+        if new_valid.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}."
+            )
+        for cache, rows in zip(self.caches, self.slices()):
+            cache.begin(new_valid[rows])
+
+    def commit(self, new_valid: torch.Tensor) -> None:
+        """:meth:`KVCache.commit` of every cache."""
+        for cache, rows in zip(self.caches, self.slices()):
+            cache.commit(new_valid[rows])

@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import SplitPointError
-from .attention import ATTENTION_NAME, SUPPORTED_BASES, CacheContext, PlainContext, ensure_registered
-from .cache import KVCache
+from .attention import ATTENTION_NAME, SUPPORTED_BASES, CacheContext, GroupContext, PlainContext, ensure_registered
+from .cache import CacheGroup, KVCache
 from .families import Family, family_for
 
-__all__ = ["Stage", "BottomStage", "TrunkStage", "TopStage", "SplitStages", "split_model", "run_stage", "PARTS"]
+__all__ = [
+    "Stage", "BottomStage", "TrunkStage", "TopStage", "SplitStages", "split_model", "run_stage",
+    "run_stage_batched", "PARTS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ class Stage(nn.Module):
         length: int,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | CacheGroup | None,
         device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Validity of the new tokens ``(B, T)`` (None: all real) and their position ids."""
@@ -150,7 +153,9 @@ class Stage(nn.Module):
             new_valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         if cache is not None and new_valid is None:
             new_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        if position_ids is None:
+        if position_ids is None and isinstance(cache, CacheGroup):
+            position_ids = cache.positions(length, device)  # each cache's own columns
+        elif position_ids is None:
             # transformers' model forward: positions are cache columns, past + arange(T)
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + length, device=device).expand(batch, length)
@@ -163,13 +168,16 @@ class Stage(nn.Module):
         hidden: torch.Tensor,  # (B, T, H)
         new_valid: torch.Tensor | None,
         position_ids: torch.Tensor,  # (B, T)
-        cache: KVCache | None,
+        cache: KVCache | CacheGroup | None,
     ) -> torch.Tensor:
         if self.num_layers == 0:
             return hidden
-        if cache is not None:
+        if isinstance(cache, CacheGroup):  # several sessions: attention per cache, the rest batched
             cache.begin(new_valid)
-            ctx: Any = CacheContext(self.attn_kernel, cache, hidden.shape[1])
+            ctx: Any = GroupContext(self.attn_kernel, cache, hidden.shape[1])
+        elif cache is not None:
+            cache.begin(new_valid)
+            ctx = CacheContext(self.attn_kernel, cache, hidden.shape[1])
         else:
             ctx = PlainContext(self.attn_kernel, hidden.shape[1], new_valid)
         pos_emb = self._position_embeddings(hidden, position_ids)
@@ -221,7 +229,7 @@ class BottomStage(Stage):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheGroup | None = None,
     ) -> torch.Tensor:
         batch, length = input_ids.shape
         new_valid, position_ids = self._prepare(batch, length, attention_mask, position_ids, cache, input_ids.device)
@@ -243,7 +251,7 @@ class TrunkStage(Stage):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheGroup | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         new_valid, position_ids = self._prepare(
@@ -262,7 +270,7 @@ class TopStage(Stage):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheGroup | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         new_valid, position_ids = self._prepare(
@@ -392,7 +400,7 @@ def run_stage(
     inputs: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    cache: KVCache | None,
+    cache: KVCache | CacheGroup | None,
 ) -> torch.Tensor:
     """Run ``stage`` without autograd on its own device and dtype; the output comes back on the CPU.
 
@@ -409,3 +417,48 @@ def run_stage(
             cache=cache,
         )
     return out.to("cpu")
+
+
+def run_stage_batched(
+    stage: Stage,
+    calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]],
+) -> list[torch.Tensor]:
+    """Run several cached calls of ``stage`` as one batch; each gets its own rows back.
+
+    Every call is ``(inputs (B_i, T), mask, positions, cache)`` as for :func:`run_stage`,
+    with its own :class:`KVCache` of ``B_i`` rows; all calls have the same ``T`` but their
+    caches may hold different numbers of columns. Linear layers, norms and MLPs run once
+    over all ``sum(B_i)`` rows; attention runs per cache over its own columns
+    (:class:`CacheGroup`), so no cache is copied or padded.
+
+    Args:
+        stage: The stage to run.
+        calls: At least one call; the masks may be ``(B_i, T)`` or ``(B_i, past + T)``
+            (only the last ``T`` columns are read), or None for all valid.
+
+    Returns:
+        One output per call, ``(B_i, T, ...)`` on the CPU, in order.
+
+    Raises:
+        ValueError: the calls do not share ``T``, or a cache appears twice.
+    """
+    if len(calls) == 1:
+        inputs, mask, positions, cache = calls[0]
+        return [run_stage(stage, inputs, mask, positions, cache)]
+    lengths = {int(c[0].shape[1]) for c in calls}
+    if len(lengths) != 1:
+        raise ValueError(f"batched calls must all have the same number of new tokens, got {sorted(lengths)}.")
+    (length,) = lengths
+    group = CacheGroup([c[3] for c in calls])
+    inputs = torch.cat([c[0] for c in calls])  # (B, T) token ids or (B, T, H) hidden states
+    masks = torch.cat([
+        torch.ones(c[0].shape[0], length, dtype=torch.bool) if c[1] is None else c[1][:, -length:].to(torch.bool)
+        for c in calls
+    ])  # (B, T) validity of the new tokens
+    positions = torch.cat([
+        c[2].long() if c[2] is not None
+        else torch.arange(c[3].length, c[3].length + length).expand(c[0].shape[0], length)
+        for c in calls
+    ])  # (B, T)
+    out = run_stage(stage, inputs, masks, positions, group)  # (B, T, ...)
+    return [out[rows] for rows in group.slices()]

@@ -43,9 +43,14 @@ class ServerConfig:
         tls_cert_file: PEM certificate chain; with ``tls_key_file`` the server speaks TLS.
         tls_key_file: PEM private key of ``tls_cert_file``.
         metrics_port: If set, serve Prometheus metrics over HTTP on this port (0 = any free port).
-        max_batch_size: Most items the worker runs in one batched call.
-        max_batch_delay_s: Seconds the worker waits for a batch to fill.
-        batching: False turns batching off in the worker (for comparisons).
+        max_batch_size: Most session steps (messages or prefill chunks) the worker runs in one
+            batched trunk call.
+        max_batch_delay_s: Seconds the worker waits for a batch to fill; 0 batches only the
+            steps already waiting.
+        batching: False runs every session step alone (for comparisons).
+        prefill_chunk_tokens: A message with more new tokens than this runs in chunks of
+            this many, queued one after another, so other sessions' decode steps run between
+            them instead of waiting for the whole prompt; ``None`` never cuts.
         sweep_interval_s: Seconds between sweeps for idle sessions; ``None`` picks
             ``min(1, session_ttl_s / 4)``.
         allow_full_training: Let clients open ``mode="full"`` training sessions, which
@@ -78,6 +83,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_batch_delay_s: float = 0.0
     batching: bool = True
+    prefill_chunk_tokens: int | None = 256
     sweep_interval_s: float | None = None
     allow_full_training: bool = False
     max_training_sessions: int = 16
@@ -129,6 +135,8 @@ class ServerConfig:
                 f"ServerConfig.max_batch_delay_s must be a number >= 0, got {self.max_batch_delay_s!r}; "
                 "0 runs waiting work at once."
             )
+        if self.prefill_chunk_tokens is not None:
+            _positive_int("prefill_chunk_tokens", self.prefill_chunk_tokens, "or None to never cut prompts")
         if self.sweep_interval_s is not None:
             _positive_number("sweep_interval_s", self.sweep_interval_s, "or None for the default")
         if not isinstance(self.allow_full_training, bool):

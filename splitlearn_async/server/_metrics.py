@@ -21,7 +21,13 @@ class NullMetrics:
     port: int | None = None
 
     def observe_step(self, rows: int, seconds: float) -> None:
-        """Record one trunk call of ``rows`` rows that took ``seconds`` (ignored here)."""
+        """Record one unbatched trunk call of ``rows`` rows that took ``seconds`` (ignored here)."""
+
+    def observe_batch(self, rows: int) -> None:
+        """Record one trunk call over ``rows`` rows of one or more sessions (ignored here)."""
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record that one message took ``seconds``, queueing included (ignored here)."""
 
     def stop(self) -> None:
         """Nothing to stop."""
@@ -31,7 +37,8 @@ class ServerMetrics(NullMetrics):
     """Prometheus gauges and histograms, served over HTTP on ``port``.
 
     Metrics: ``splitlearn_trunk_sessions_open`` (gauge), ``splitlearn_trunk_queue_depth``
-    (gauge), ``splitlearn_trunk_batch_size`` (histogram of rows per trunk call) and
+    (gauge), ``splitlearn_trunk_batch_size`` (histogram of rows per trunk call, all sessions
+    of a batched call together) and
     ``splitlearn_trunk_step_latency_seconds`` (histogram, queueing included).
 
     Args:
@@ -66,8 +73,16 @@ class ServerMetrics(NullMetrics):
         logger.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def observe_step(self, rows: int, seconds: float) -> None:
-        """Record one trunk call of ``rows`` rows that took ``seconds``."""
+        """Record one unbatched trunk call of ``rows`` rows that took ``seconds``."""
         self._batch.observe(rows)
+        self._latency.observe(seconds)
+
+    def observe_batch(self, rows: int) -> None:
+        """Record one trunk call over ``rows`` rows of one or more sessions (thread-safe: the worker calls it)."""
+        self._batch.observe(rows)
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record that one message took ``seconds``, queueing included."""
         self._latency.observe(seconds)
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -325,13 +326,54 @@ class AsyncGRPCComputeServer:
             await _abort(context, _Code.RESOURCE_EXHAUSTED, str(exc))
 
     async def _step(self, session: Session, inputs: proto.TrunkInputs, context: grpc.aio.ServicerContext) -> bytes:
+        """Run one open/step message through the trunk, batched with other sessions' steps.
+
+        The message goes to the worker as :class:`_StepWork` under the batch key
+        ``("step", adapter_id, T)``: steps of other sessions with the same adapter and the
+        same number of new tokens that are waiting run in the same trunk call. A message
+        longer than ``prefill_chunk_tokens`` is cut into chunks, each queued after the
+        previous one finished, so other sessions' decode steps run between them.
+        """
         session.busy = True
+        start = time.perf_counter()
         try:
-            body: bytes = await self._run(context, self._compute, inputs, session.cache, session)
+            hidden = inputs.hidden_states  # (B, T, H), wire dtype
+            length = int(hidden.shape[1])
+            new_mask = inputs.attention_mask[:, -length:]  # (B, T): the new tokens
+            reply_dtype = self._reply_dtype or hidden.dtype
+            adapter = getattr(session, "adapter_id", None)
+            earlier: list[torch.Tensor] = []
+            body: Any = None
+            bounds = _chunk_bounds(length, self.config.prefill_chunk_tokens)
+            for a, b in bounds:
+                work = _StepWork(
+                    hidden[:, a:b], new_mask[:, a:b], inputs.position_ids[:, a:b], session, session.cache,
+                    reply_dtype, earlier, last=b == length,
+                )
+                body = await self._run_step(context, ("step", adapter, b - a), work)
+                if b != length:
+                    earlier.append(body)  # (B, chunk, H), model dtype
         finally:
             session.busy = False
             self.store.touch(session)
-        return body
+        self._metrics.observe_latency(time.perf_counter() - start)
+        reply: bytes = body  # the last chunk's result is the encoded reply
+        return reply
+
+    async def _run_step(self, context: grpc.aio.ServicerContext, key: tuple[Any, ...], work: _StepWork) -> Any:
+        """Queue ``work`` for a batched trunk call; map its failure to a status code."""
+        try:
+            result = await self.worker.run_batched(key, work, self._compute_batch)
+            if isinstance(result, Exception):  # this session's rows failed, the batch did not
+                raise result
+        except (WireError, ValueError) as exc:
+            await _abort(context, _Code.INVALID_ARGUMENT, _sentence(exc))
+        except (WorkerStopped, WorkerDied) as exc:
+            await _abort(context, _Code.UNAVAILABLE, f"the trunk worker is not running ({exc}); retry on another server.")
+        except Exception as exc:  # one bad call must not take the server down
+            logger.exception("trunk step failed")
+            await _abort(context, _Code.INTERNAL, f"the trunk failed on this input: {type(exc).__name__}: {exc}.")
+        return result
 
     async def _forward(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """``Forward``: stateless trunk call, no cache kept."""
@@ -408,12 +450,85 @@ class AsyncGRPCComputeServer:
         session.cache_bytes = cache.nbytes()
         return proto.build_result(out, session_id=session.session_id, length=cache.length, wire_dtype=reply_dtype)
 
+    def _compute_batch(self, works: list[_StepWork]) -> list[bytes | torch.Tensor | Exception]:
+        """(worker) One trunk call for the steps of several sessions; one result per step.
+
+        Linear layers and MLPs run over all rows at once, attention per session on its own
+        cache (``run_stage_batched``). A step whose output is not finite, or whose reply
+        cannot be encoded, gets its exception as its result; the others their reply: a
+        bytes body for a message's last chunk, the ``(B, T, H)`` output otherwise. Raises
+        only if the trunk call itself failed, and then no cache has advanced.
+        """
+        from splitlearn_async.models.stages import run_stage_batched
+
+        calls = [(w.hidden, w.mask, w.positions, w.cache) for w in works]
+        outs = run_stage_batched(self.trunk, calls)  # each (B_i, T, H), model dtype, CPU
+        self._metrics.observe_batch(sum(int(w.hidden.shape[0]) for w in works))
+        # from here on nothing may raise: the caches have advanced, a retry would advance them twice
+        results: list[bytes | torch.Tensor | Exception] = []
+        for work, out in zip(works, outs):
+            try:
+                results.append(self._finish_step(work, out))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _finish_step(self, work: _StepWork, out: torch.Tensor) -> bytes | torch.Tensor:
+        """(worker) One session's part of a batched call: the reply body, or the chunk's output.
+
+        Raises:
+            ValueError: the output holds NaN or infinite values.
+            WireError: the reply cannot be encoded.
+        """
+        # the cache captured at submission: the stream may close the session meanwhile
+        work.session.cache_bytes = work.cache.nbytes()
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                "the trunk's output holds NaN or infinite values for this input; check the hidden states sent")
+        if not work.last:
+            return out
+        full = torch.cat([*work.earlier, out], dim=1) if work.earlier else out  # (B, T, H)
+        return proto.build_result(
+            full, session_id=work.session.session_id, length=work.cache.length, wire_dtype=work.reply_dtype)
+
     async def _sweep(self) -> None:
         """Expire idle sessions every ``sweep_interval_s`` until cancelled."""
         interval = self.config.effective_sweep_interval_s
         while True:
             await asyncio.sleep(interval)
             self.store.expire_idle()
+
+
+@dataclass
+class _StepWork:
+    """One session's message (or chunk of it) waiting for a batched trunk call.
+
+    Attributes:
+        hidden: ``(B, T, H)`` hidden states of the new tokens, wire dtype.
+        mask: ``(B, T)`` validity of the new tokens.
+        positions: ``(B, T)`` their position ids.
+        session: The session.
+        cache: The session's KV cache, taken when the work was queued; it advances by ``T`` columns.
+        reply_dtype: dtype of the hidden states in the reply.
+        earlier: Outputs ``(B, t, H)`` of the message's earlier chunks, joined into the reply.
+        last: True for a message's last chunk: the result is the encoded reply.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    session: Session
+    cache: Any
+    reply_dtype: torch.dtype
+    earlier: list[torch.Tensor] = field(default_factory=list)
+    last: bool = True
+
+
+def _chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` cutting ``length`` tokens into chunks of at most ``chunk`` (None: one)."""
+    if chunk is None or length <= chunk:
+        return [(0, length)]
+    return [(a, min(length, a + chunk)) for a in range(0, length, chunk)]
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:

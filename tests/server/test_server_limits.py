@@ -208,8 +208,9 @@ async def test_misbehaving_client_beside_good_ones(trunk):
     async with AsyncGRPCComputeServer(trunk) as server, channel(server.port) as chan, channel(server.port) as bad_chan:
         results = await asyncio.gather(*(run_session(chan, c) for c in cases), *(_misbehave(bad_chan, i) for i in range(3)))
         await wait_until(lambda: server.sessions_open == 0)
-    for got, exp in zip(results[: len(cases)], expected):
-        assert all(torch.equal(g, e) for g, e in zip(got, exp))
+    for got, exp in zip(results[: len(cases)], expected):  # batched with each other: within 1e-5
+        for g, e in zip(got, exp):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
 _frames = st.fixed_dictionaries({
