@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Sequence
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import ClientClosed, ConfigError, TrunkTimeout
 from ..models.decoding import DecodeState, SamplingConfig
-from ..models.stages import run_stage
+from ..models.stages import run_stage, run_stage_batched
 from ..worker import StageWorker
 
 __all__ = ["SplitPipeline", "StreamChunk"]
@@ -50,7 +51,11 @@ class SplitPipeline:
         tokenizer: Optional Hugging Face tokenizer, for :meth:`generate_text` and text in
             :meth:`stream`.
         worker: The worker thread for bottom and top; by default the pipeline starts its own
-            on first use and stops it in :meth:`aclose`.
+            on first use (batching on, at most 32 streams per call) and stops it in
+            :meth:`aclose`. The bottom and top steps of concurrent :meth:`stream` /
+            :meth:`generate` calls that are waiting on the worker together run as one
+            batched call (each stream keeps its own KV caches); pass
+            ``StageWorker(batching=False)`` to run them one by one, or another ``max_batch_size``.
     """
 
     def __init__(self, bottom: Any, trunk: Any, top: Any, tokenizer: Any = None, worker: StageWorker | None = None):
@@ -60,6 +65,9 @@ class SplitPipeline:
         self.tokenizer = tokenizer
         self._worker = worker
         self._owns_worker = worker is None
+        # one batch function per stage, so concurrent streams' steps share a worker call
+        self._bottom_batch = functools.partial(_bottom_steps, bottom)
+        self._top_batch = functools.partial(_top_steps, top)
         self._closed = False
         self._trunk_checked = False
 
@@ -142,9 +150,17 @@ class SplitPipeline:
         async with session:
             while not state.done:
                 new_mask = mask[:, -ids.shape[1]:]
-                hidden = await worker.run(run_stage, self.bottom, ids, mask, pos, caches[0])  # (B, T, H)
+                # bottom and top steps of concurrent streams with as many new tokens batch together
+                hidden = await worker.run_batched(
+                    ("bottom", id(self.bottom), ids.shape[1]), (ids, mask, pos, caches[0]), self._bottom_batch
+                )  # (B, T, H)
                 hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
-                ids, mask, pos = await worker.run(_top_and_choose, self.top, hidden, mask, pos, caches[1], state)
+                chosen = await worker.run_batched(
+                    ("top", id(self.top), hidden.shape[1]), (hidden, mask, pos, caches[1], state), self._top_batch
+                )
+                if isinstance(chosen, Exception):  # this stream failed, the batch did not
+                    raise chosen
+                ids, mask, pos = chosen
                 tokens = ids[:, 0]
                 yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
 
@@ -254,11 +270,32 @@ class SplitPipeline:
         await self.aclose()
 
 
-def _top_and_choose(
-    top: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, state: DecodeState
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits = run_stage(top, hidden, mask, pos, cache)  # (B, T, V)
-    return state.advance(logits[:, -1])
+def _bottom_steps(bottom: Any, calls: list[tuple[Any, ...]]) -> list[torch.Tensor]:
+    """(worker) The bottom steps ``(ids (B_i, T), mask, positions, cache)`` of several streams in one call.
+
+    Returns each stream's hidden states ``(B_i, T, H)``. Raises only if the call failed as a
+    whole, and then no cache has advanced (the worker retries each stream alone).
+    """
+    return run_stage_batched(bottom, calls)
+
+
+def _top_steps(
+    top: Any, calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, DecodeState]]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Exception]:
+    """(worker) The top steps of several streams in one call, then each stream's next tokens.
+
+    Each call is ``(hidden (B_i, T, H), mask, positions, cache, state)``. Returns per stream
+    what :meth:`DecodeState.advance` returns, or the exception it raised: once the top's
+    caches have advanced, nothing may make the worker run the batch again.
+    """
+    logits = run_stage_batched(top, [call[:4] for call in calls])  # each (B_i, T, V)
+    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Exception] = []
+    for (_, _, _, _, state), rows in zip(calls, logits):
+        try:
+            results.append(state.advance(rows[:, -1]))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 class _TextDecoder:
