@@ -31,6 +31,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     parser.add_argument("--token", default=None, help="require 'authorization: Bearer <token>'")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the worker")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="most session steps per batched trunk call (default 32)")
+    parser.add_argument(
+        "--max-batch-delay-s", type=float, default=0.0,
+        help="seconds the worker waits for a batch to fill (default 0: batch only what is waiting)",
+    )
+    parser.add_argument(
+        "--no-batching", dest="batching", action="store_false",
+        help="run every session step alone (for comparisons)",
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens", type=int, default=256,
+        help="cut longer prompts into chunks of this many tokens so other sessions' steps run between them "
+        "(default 256; 0 never cuts)",
+    )
     parser.add_argument(
         "--port-file", default=None,
         help="once serving, write the bound port to this file (for scripts that start the server with --port 0)",
@@ -76,6 +90,8 @@ def serve_main(args: argparse.Namespace) -> int:
     config = ServerConfig(
         metrics_port=args.metrics_port, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
         auth_token=args.token, torch_threads=args.torch_threads,
+        max_batch_size=args.max_batch_size, max_batch_delay_s=args.max_batch_delay_s, batching=args.batching,
+        prefill_chunk_tokens=args.prefill_chunk_tokens or None,
     )
     trunk = load_stages(source, split, parts=("trunk",)).trunk
 

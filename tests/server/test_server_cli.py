@@ -29,3 +29,15 @@ def test_options_parse():
 def test_bad_options_fail_before_loading(argv, fragment):
     with pytest.raises(ConfigError, match=fragment):
         serve_main(parse(*argv))
+
+
+def test_batching_options_parse():
+    args = parse("--no-batching", "--max-batch-size", "8", "--max-batch-delay-s", "0.002", "--prefill-chunk-tokens", "0")
+    assert (args.batching, args.max_batch_size, args.max_batch_delay_s, args.prefill_chunk_tokens) == (False, 8, 0.002, 0)
+    defaults = parse()
+    assert (defaults.batching, defaults.max_batch_size, defaults.max_batch_delay_s) == (True, 32, 0.0)
+
+
+def test_bad_batching_options_fail_before_loading():
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        serve_main(parse("--model", "x", "--split", "1,2", "--max-batch-size", "0"))
