@@ -1,0 +1,31 @@
+"""benchmarks/latency.py --quick runs to the end and reports what the full run reports (no timings checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LATENCY = Path(__file__).resolve().parent.parent / "benchmarks" / "latency.py"
+
+pytestmark = pytest.mark.slow
+
+
+def test_latency_quick(tmp_path):
+    out = tmp_path / "latency.json"
+    run = subprocess.run(
+        [sys.executable, str(LATENCY), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "one session:" in run.stdout and "server threads" in run.stdout
+    report = json.loads(out.read_text())
+    assert report["one_session"]["identical_tokens"] is True
+    assert [row["n"] for row in report["table"]] == [1, 2]
+    for row in report["table"]:
+        for key in ("on_tok_s", "off_tok_s", "inproc_tok_s", "p50_ms", "ttft_ms", "loadgen_steps_s", "trunk_inproc_steps_s"):
+            assert row[key] is not None and row[key] > 0, key
+    assert report["server_threads_constant"] is True
+    assert out.with_suffix(".png").stat().st_size > 0
