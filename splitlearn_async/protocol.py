@@ -458,11 +458,17 @@ def build_train_forward(
     position_ids: torch.Tensor,
     *,
     wire_dtype: torch.dtype | None = None,
+    keep_graph: bool = True,
 ) -> bytes:
-    """The body of ``TrainForward``: a ``forward`` message plus ``training_id``; arguments as :func:`build_open`."""
-    return _inputs_message(
-        Kind.FORWARD, hidden_states, attention_mask, position_ids, wire_dtype, {"training_id": training_id}
-    )
+    """The body of ``TrainForward``: a ``forward`` message plus ``training_id``; arguments as :func:`build_open`.
+
+    ``keep_graph=False`` asks for an evaluation forward: the output as the session trains
+    the trunk (its adapter active), no graph kept, and step id 0 in the reply.
+    """
+    extra: dict[str, Any] = {"training_id": training_id}
+    if not keep_graph:
+        extra["keep_graph"] = False
+    return _inputs_message(Kind.FORWARD, hidden_states, attention_mask, position_ids, wire_dtype, extra)
 
 
 def parse_train_forward(
@@ -471,17 +477,18 @@ def parse_train_forward(
     hidden_size: int | None = None,
     max_bytes: int | None = None,
     max_elements: int | None = None,
-) -> tuple[str, TrunkInputs]:
-    """Parse ``TrainForward``: ``(training_id, inputs)``; checks as :func:`parse_inputs`.
+) -> tuple[str, TrunkInputs, bool]:
+    """Parse ``TrainForward``: ``(training_id, inputs, keep_graph)``; checks as :func:`parse_inputs`.
 
     Raises:
         WireError: the body or a tensor is malformed, or the training id is missing.
     """
     msg = unpack(body, max_bytes=max_bytes)
     training_id = _training_id(msg)
+    keep_graph = bool(field(msg, "keep_graph", bool, required=False, default=True))
     inputs = parse_inputs(msg, hidden_size=hidden_size, expected=Kind.FORWARD, max_elements=max_elements)
     assert isinstance(inputs, TrunkInputs)  # only 'forward' is expected
-    return training_id, inputs
+    return training_id, inputs, keep_graph
 
 
 def build_train_forward_result(hidden_states: torch.Tensor, step_id: int, *, wire_dtype: torch.dtype | None = None) -> bytes:

@@ -132,6 +132,20 @@ class RemoteTrainingSession(TrainingSession):
             raise TrunkError(f"the server answered a training forward with shape {list(out.shape)}, expected {list(hidden.shape)}.")
         return out.to(hidden.dtype), step_id  # (B, T, H)
 
+    async def evaluate(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        self._check("run an evaluation forward")
+        body = proto.build_train_forward(
+            self.training_id, hidden, attention_mask, position_ids, wire_dtype=self._wire_dtype, keep_graph=False
+        )
+        reply = await self._call(proto.METHOD_TRAIN_FORWARD, body, "an evaluation forward")
+        try:
+            out, _ = proto.parse_train_forward_result(reply, hidden_size=hidden.shape[-1])
+        except WireError as exc:
+            raise TrunkError(f"the server's reply to an evaluation forward is malformed: {exc}") from exc
+        return out.to(hidden.dtype)  # (B, T, H)
+
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         self._check("run a backward")
         body = proto.build_backward(self.training_id, step_id, grad_output, apply=apply, wire_dtype=self._wire_dtype)

@@ -124,6 +124,16 @@ class TrainingSession:
         """
         raise NotImplementedError
 
+    async def evaluate(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the trunk as this session trains it (its adapter active) without keeping a graph.
+
+        Returns:
+            ``(B, T, H)`` trunk output.
+        """
+        raise NotImplementedError
+
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         """Back-propagate ``grad_output (B, T, H)`` through step ``step_id``'s graph.
 
@@ -204,6 +214,15 @@ class LocalTrainingSession(TrainingSession):
         except PendingFull as exc:
             graph.release()
             raise TrunkBusy(str(exc)) from None
+
+    async def evaluate(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        self._check("run an evaluation forward")
+        try:
+            return await self._worker.run(self._trainer.evaluate, hidden, attention_mask, position_ids)  # (B, T, H)
+        except ValueError as exc:
+            raise TrunkRejected(f"the trunk refused the evaluation forward: {exc}") from exc
 
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         self._check("run a backward")

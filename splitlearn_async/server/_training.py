@@ -239,7 +239,7 @@ class TrainingService:
         """``TrainForward``: run the trunk keeping its graph; reply with the output and a step id."""
         await self._enter(context)
         try:
-            training_id, inputs = proto.parse_train_forward(
+            training_id, inputs, keep_graph = proto.parse_train_forward(
                 body, hidden_size=self.server._hidden_size, max_bytes=self.config.max_message_bytes,
                 max_elements=self.server._max_elements,
             )
@@ -250,12 +250,20 @@ class TrainingService:
         except SessionTooLong as exc:
             await _abort(context, _Code.RESOURCE_EXHAUSTED, str(exc))
         entry = await self._entry(training_id, context)
+        reply_dtype = self.server._reply_dtype or inputs.hidden_states.dtype
+        if not keep_graph:  # evaluation: the trained trunk's output, nothing kept
+            entry.busy += 1
+            try:
+                frame = await self._run(context, _evaluate_frame, entry.trainer, inputs, reply_dtype)
+            finally:
+                entry.busy -= 1
+                entry.last_used_s = self._clock()
+            return pack({"kind": "result", "hidden_states": frame, "step_id": 0})
         self.pending.expire()
         try:
             self.pending.check_room()
         except PendingFull as exc:
             await _abort(context, _Code.RESOURCE_EXHAUSTED, str(exc))
-        reply_dtype = self.server._reply_dtype or inputs.hidden_states.dtype
         entry.busy += 1
         try:
             frame, graph = await self._run(context, _forward_frame, entry.trainer, inputs, reply_dtype)
@@ -438,6 +446,12 @@ def _forward_frame(trainer: TrunkTrainer, inputs: proto.TrunkInputs, reply_dtype
     """(worker) Training forward; the output encoded as a wire frame."""
     out, graph = trainer.forward(inputs.hidden_states, inputs.attention_mask, inputs.position_ids)  # (B, T, H)
     return encode_tensor(out, reply_dtype), graph
+
+
+def _evaluate_frame(trainer: TrunkTrainer, inputs: proto.TrunkInputs, reply_dtype: Any) -> dict[str, Any]:
+    """(worker) Evaluation forward (no graph); the output encoded as a wire frame."""
+    out = trainer.evaluate(inputs.hidden_states, inputs.attention_mask, inputs.position_ids)  # (B, T, H)
+    return encode_tensor(out, reply_dtype)
 
 
 def _backward_frame(trainer: TrunkTrainer, graph: Any, grad: Any, apply: bool, reply_dtype: Any) -> tuple[dict[str, Any], int]:

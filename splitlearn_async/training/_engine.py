@@ -152,6 +152,25 @@ class TrunkTrainer:
         """Trainable elements."""
         return sum(p.numel() for p in self.params)
 
+    def evaluate(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(worker) Run the trunk as this session trains it (adapter active), without a graph.
+
+        Returns:
+            ``(B, T, H)`` output on the CPU in ``hidden``'s dtype.
+        """
+        device = self.trunk.device
+        with torch.no_grad(), use_adapter(self.adapter):
+            out = self.trunk(
+                hidden.to(device=device, dtype=self.trunk.dtype),
+                None if attention_mask is None else attention_mask.to(device),
+                None if position_ids is None else position_ids.to(device),
+            )  # (B, T, H)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("the trunk's output holds NaN or infinite values for this input; check the hidden states sent")
+        return out.to(device="cpu", dtype=hidden.dtype)
+
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, StepGraph]:

@@ -96,6 +96,8 @@ class SplitTrainer:
             if wanted:
                 params.update({id(p): p for p in stage.parameters() if p.requires_grad})
         self.client_parameters = list(params.values())
+        # back-propagate into the bottom only if something there trains (tied embeddings count)
+        self._bottom_trains = any(id(p) in params for p in bottom.parameters())
         self.optimizer = config.optimizer.build(self.client_parameters) if self.client_parameters else None
         if self.optimizer is None and config.trunk == "frozen":
             raise ConfigError("nothing would train: train_bottom and train_top are off and the trunk is frozen.")
@@ -204,6 +206,25 @@ class SplitTrainer:
             self.optimizer_steps += 1
         return loss
 
+    async def evaluate(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+        """The loss on ``batch`` with the current weights (trunk adapter included); nothing trains.
+
+        Args:
+            batch: As for :meth:`step`.
+
+        Returns:
+            The loss.
+
+        Raises:
+            ValueError: the batch is malformed.
+            TrunkError: the trunk failed.
+        """
+        worker = await self._ensure_worker()
+        session = await self.session()
+        _, hidden, mask, positions, labels = await worker.run(self._bottom_forward, batch, False)
+        out = await session.evaluate(hidden, mask, positions)  # (B, T, H)
+        return await worker.run(self._top_loss, out, mask, positions, labels)
+
     async def save_trunk(self, directory: str | Path, *, optimizer: bool = True) -> list[Path]:
         """Save what the trunk trained (adapter or weights, plus optimizer state) as safetensors.
 
@@ -216,8 +237,8 @@ class SplitTrainer:
 
     # --- worker-thread halves ----------------------------------------------------------------
 
-    def _bottom_forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[Any, ...]:
-        """(client worker) Bottom forward keeping its graph; returns what the trunk needs."""
+    def _bottom_forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, grad: bool = True) -> tuple[Any, ...]:
+        """(client worker) Bottom forward (keeping its graph if ``grad``); returns what the trunk needs."""
         from ..models.positions import prompt_positions
 
         if isinstance(batch, torch.Tensor):
@@ -236,7 +257,8 @@ class SplitTrainer:
         labels = batch.get("labels")
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
         device = self.bottom.device
-        hidden = self.bottom(ids.to(device), mask.to(device), positions.to(device))  # (B, T, H), with graph
+        with torch.set_grad_enabled(grad):
+            hidden = self.bottom(ids.to(device), mask.to(device), positions.to(device))  # (B, T, H), with graph
         sent = hidden.detach().to("cpu")  # what crosses to the trunk
         return hidden, sent, mask, positions, labels
 
@@ -248,13 +270,25 @@ class SplitTrainer:
         out_leaf = out.detach().to(device=device, dtype=self.top.dtype).requires_grad_(True)  # (B, T, H)
         logits = self.top(out_leaf, mask.to(device), positions.to(device))  # (B, T, V)
         loss = self.loss_fn(logits, labels)
-        (loss * scale).backward()
-        assert out_leaf.grad is not None
-        return float(loss.detach()), out_leaf.grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
+        if self.config.train_top:
+            (loss * scale).backward()
+            grad = out_leaf.grad
+        else:  # only d loss / d out: no gradients for the top's weights (the LM head is large)
+            (grad,) = torch.autograd.grad(loss * scale, out_leaf)
+        assert grad is not None
+        return float(loss.detach()), grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
+
+    def _top_loss(self, out: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> float:
+        """(client worker) Top forward and loss, no graph."""
+        device = self.top.device
+        with torch.no_grad():
+            logits = self.top(out.to(device=device, dtype=self.top.dtype), mask.to(device), positions.to(device))
+            return float(self.loss_fn(logits, labels))
 
     def _bottom_backward(self, hidden: torch.Tensor, grad_in: torch.Tensor, apply: bool) -> None:
         """(client worker) Finish the backward into the bottom; step the client optimizer if ``apply``."""
-        hidden.backward(grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
+        if self._bottom_trains:
+            hidden.backward(grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
         if apply and self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -145,3 +145,26 @@ async def test_frozen_trunk_passes_gradients_and_keeps_its_weights():
     assert abs(loss - reference.loss) <= TOL
     assert compare_client_grads(grads, reference.grads) <= TOL
     assert all(torch.equal(p, before[n]) for n, p in trunk.named_parameters())
+
+
+async def test_evaluate_gives_the_loss_of_the_trained_model_without_training(family):
+    """evaluate() over LocalTrunk equals the unsplit model's loss with the adapter merged, and changes nothing."""
+    from splitlearn_async import merge_adapter
+    from splitlearn_async.training import LoraConfig, causal_lm_loss
+
+    model = tiny_model(family)
+    bottom, trunk, top = split_model(model, SPLIT)
+    config = TrainingConfig(optimizer=OptimizerConfig(lr=1e-2), lora=LoraConfig(rank=2, seed=0))
+    async with LocalTrunk(trunk) as local, SplitTrainer(bottom, local, top, config) as trainer:
+        await trainer.step(make_batch(1))
+        state = await (await trainer.session()).state(optimizer=False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        got = await trainer.evaluate(make_batch(2))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert local.pending_steps == 0
+    merged = clone_model(model)
+    merge_adapter(merged, *from_safetensors(state.weights))
+    batch = make_batch(2)
+    with torch.no_grad():
+        logits = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    assert abs(got - float(causal_lm_loss(logits, batch["labels"]))) <= TOL

@@ -231,6 +231,8 @@ async def test_trained_adapter_saves_loads_and_serves_like_the_merged_model(tmp_
                 await trainer.step(make_batch(seed))
             files = await trainer.save_trunk(tmp_path)
             assert trainer.adapter_id == "tuned"
+            evaluated = await trainer.evaluate(make_batch(5))
+            assert server.training.pending_steps == 0
         assert {f.name for f in files} == {"adapter.safetensors", "trunk_optimizer.safetensors"}
         state = TrunkState.load(tmp_path)
         await load_remote_adapter(remote, "reloaded", state.weights)
@@ -250,6 +252,14 @@ async def test_trained_adapter_saves_loads_and_serves_like_the_merged_model(tmp_
     (merged_trunk,) = [s for s in split_model(merged, SPLIT, parts=("trunk",)) if s is not None]
     expected = in_process(merged_trunk, case)
     plain = in_process(trunk, case)
+    from splitlearn_async.training import causal_lm_loss
+
+    batch = make_batch(5)
+    full_merged = clone_model(model)  # trained bottom and top (they share `model`'s weights), base trunk
+    merge_adapter(full_merged, tensors, meta)
+    with torch.no_grad():
+        logits = full_merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    assert abs(evaluated - float(causal_lm_loss(logits, batch["labels"]))) <= TOL
     for got, again, want, b, p in zip(with_adapter, trained, expected, base, plain):
         assert max_diff(got, want) <= TOL
         assert torch.equal(got, again)  # the reloaded file serves exactly as the trained adapter
