@@ -335,3 +335,38 @@ async def test_decode_steps_interleave_with_training_steps():
     assert "train" in order[first:last], "training did not run while the session decoded"
     gaps = [b - a - 1 for a, b in zip(decodes, decodes[1:])]
     assert max(gaps) <= 2, f"a decode step waited behind {max(gaps)} training forwards: {order[first:last + 1]}"
+
+
+async def test_concurrent_sessions_with_different_adapters_batch_apart_and_stay_exact():
+    """Sessions with adapter a, adapter b and none decode at once on a batching server; each equals
+    its own in-process run (decode steps are batched only within the same adapter)."""
+    from splitlearn_async.training._engine import to_safetensors
+    from splitlearn_async.training._lora import LoraAdapter, bind_adapter
+
+    _, trunk = tiny_trunk("qwen2")
+    files = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        adapter = LoraAdapter(trunk, 2, 4.0, ("q_proj", "down_proj"), seed=seed, adapter_id=name)
+        with torch.no_grad():
+            for _, b in adapter.pairs.values():
+                b.normal_(generator=torch.Generator().manual_seed(seed))
+        files[name] = (adapter, to_safetensors(adapter.state_tensors(), adapter.metadata()))
+    case = decode_case()
+    expected = {}
+    for name in ("a", "b", None):
+        cache = trunk.new_cache(2)
+        if name is not None:
+            bind_adapter(cache, files[name][0])
+        with torch.no_grad():
+            expected[name] = [trunk(h, m, p, cache=cache) for h, m, p in case]
+    async with served(trunk, max_batch_delay_s=0.005) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        for name, (_, data) in files.items():
+            await load_remote_adapter(remote, name, data)
+        runs = [("a", 0), ("b", 1), (None, 2), ("a", 3), (None, 4)]
+        results = await asyncio.gather(*[_trunk_session_outputs(server.port, case, name) for name, _ in runs])
+        batches = server.worker.stats.batch_size_counts
+    for (name, _), outs in zip(runs, results):
+        for got, want in zip(outs, expected[name]):
+            assert max_diff(got, want) <= TOL, name
+    assert max_diff(expected["a"][-1], expected[None][-1]) > 1e-3  # the adapters matter
+    assert any(size > 1 for size in batches), f"no step was batched: {batches}"
