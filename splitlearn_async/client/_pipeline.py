@@ -56,13 +56,25 @@ class SplitPipeline:
             :meth:`generate` calls that are waiting on the worker together run as one
             batched call (each stream keeps its own KV caches); pass
             ``StageWorker(batching=False)`` to run them one by one, or another ``max_batch_size``.
+        adapter_id: Generate with this LoRA adapter of the trunk (trained with
+            :class:`SplitTrainer` or loaded with ``trunk.load_adapter``); ``None`` uses the
+            base weights.
     """
 
-    def __init__(self, bottom: Any, trunk: Any, top: Any, tokenizer: Any = None, worker: StageWorker | None = None):
+    def __init__(
+        self,
+        bottom: Any,
+        trunk: Any,
+        top: Any,
+        tokenizer: Any = None,
+        worker: StageWorker | None = None,
+        adapter_id: str | None = None,
+    ):
         self.bottom = bottom
         self.trunk = trunk
         self.top = top
         self.tokenizer = tokenizer
+        self.adapter_id = adapter_id
         self._worker = worker
         self._owns_worker = worker is None
         # one batch function per stage, so concurrent streams' steps share a worker call
@@ -146,7 +158,7 @@ class SplitPipeline:
         ids, mask, pos = state.prompt_inputs()
         decoder = _TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
         await self._check_trunk()
-        session = await self.trunk.open_session()
+        session = await (self.trunk.open_session(adapter_id=self.adapter_id) if self.adapter_id else self.trunk.open_session())
         async with session:
             while not state.done:
                 new_mask = mask[:, -ids.shape[1]:]

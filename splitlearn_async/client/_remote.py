@@ -170,16 +170,66 @@ class RemoteTrunk:
 
     # --- calls ---------------------------------------------------------------------------
 
-    async def open_session(self) -> RemoteTrunkSession:
+    async def open_session(self, adapter_id: str | None = None) -> RemoteTrunkSession:
         """A new session; its stream opens with the first :meth:`RemoteTrunkSession.forward`.
+
+        Args:
+            adapter_id: Run the trunk with this LoRA adapter loaded on the server (trained
+                through :meth:`open_training` or loaded with :meth:`load_adapter`); ``None``
+                uses the base weights. An unknown name fails the first ``forward`` with
+                :class:`SessionNotFound`.
 
         Raises:
             ClientClosed: the client has been closed.
         """
         self._check_open("open a session")
-        session = RemoteTrunkSession(self)
+        session = RemoteTrunkSession(self, adapter_id)
         self._sessions.add(session)
         return session
+
+    async def open_training(self, mode: str = "lora", **kwargs: Any) -> Any:
+        """Open a training session on the server (``TrainOpen``); see :class:`SplitTrainer`.
+
+        Args:
+            mode: ``"lora"``, ``"full"`` (the server must allow it) or ``"frozen"``.
+            **kwargs: ``lora``, ``optimizer``, ``adapter_id``, ``weights``, ``optimizer_state``
+                as in :meth:`LocalTrunk.open_training`.
+
+        Returns:
+            A ``RemoteTrainingSession`` with ``forward``/``backward``/``optimizer_step``/``state``.
+
+        Raises:
+            ClientClosed: the client has been closed.
+            TrunkError: the server refused (see the error tree).
+        """
+        from ._remote_training import open_remote_training
+
+        self._check_open("open a training session")
+        return await open_remote_training(self, mode, **kwargs)
+
+    async def load_adapter(self, adapter_id: str, weights: bytes) -> None:
+        """Load a saved LoRA adapter (safetensors bytes) on the server under ``adapter_id``.
+
+        Raises:
+            ClientClosed: the client has been closed.
+            TrunkError: the server refused the adapter (malformed, taken name, wrong shapes).
+        """
+        from ._remote_training import load_remote_adapter
+
+        self._check_open("load an adapter")
+        await load_remote_adapter(self, adapter_id, weights)
+
+    async def delete_adapter(self, adapter_id: str) -> None:
+        """Forget the server's adapter ``adapter_id`` (sessions using it keep it).
+
+        Raises:
+            ClientClosed: the client has been closed.
+            SessionNotFound: no adapter of that name is loaded.
+        """
+        from ._remote_training import delete_remote_adapter
+
+        self._check_open("delete an adapter")
+        await delete_remote_adapter(self, adapter_id)
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
@@ -300,8 +350,9 @@ class RemoteTrunkSession(TrunkSession):
     ``close`` (or cancels the stream if it is unhealthy) so the server frees the cache.
     """
 
-    def __init__(self, owner: RemoteTrunk) -> None:
+    def __init__(self, owner: RemoteTrunk, adapter_id: str | None = None) -> None:
         self._owner = owner
+        self.adapter_id = adapter_id
         self.session_id = uuid.uuid4().hex[:16]
         self._call: Any = None  # grpc.aio.StreamStreamCall while a stream is open
         self._sent: list[bytes] = []  # bodies answered so far, for replay (open first)
@@ -338,7 +389,10 @@ class RemoteTrunkSession(TrunkSession):
         self._owner._check_open("run a step")
         wire_dtype = self._owner._wire_dtype
         if self._steps == 0:
-            body = proto.build_open(hidden, attention_mask, position_ids, session_id=self.session_id, wire_dtype=wire_dtype)
+            body = proto.build_open(
+                hidden, attention_mask, position_ids, session_id=self.session_id, wire_dtype=wire_dtype,
+                adapter_id=self.adapter_id,
+            )
         else:
             body = proto.build_step(hidden, attention_mask, position_ids, wire_dtype=wire_dtype)
         what = f"{'the prompt' if self._steps == 0 else f'step {self._steps}'} of trunk session {self.session_id}"
