@@ -213,7 +213,7 @@ async def client_runs(args: argparse.Namespace, address: str, pid: int, batching
 
     bottom, trunk_stage, top = stages
     out: dict[str, Any] = {"generate": {}, "loadgen": {}}
-    worker = StageWorker("benchmark-client", batching=batching, max_batch_size=max(args.concurrency))
+    worker = StageWorker("benchmark-client", batching=batching, max_batch_size=max(args.concurrency), max_gather_wait_s=0.01)
     async with worker, RemoteTrunk(address) as remote:
         pipeline = SplitPipeline(bottom, remote, top, tokenizer, worker=worker)
         ids, mask = encode(tokenizer, 1)

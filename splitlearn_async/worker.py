@@ -132,6 +132,12 @@ class StageWorker:
             items to fill a batch; 0 runs what is waiting at once.
         batching: False runs every batched item alone (``batch_fn([item])``), for
             comparisons and debugging.
+        max_gather_wait_s: When the sources added with :meth:`expect` say that more
+            batched items are on their way than are waiting (sessions in the middle of a
+            decode loop whose next step has not arrived yet), wait up to this long for
+            them. Without it, steps that arrive a few milliseconds apart split into
+            batches that alternate forever. A lone session never waits (nothing more is
+            expected).
 
     Raises:
         ConfigError: an argument is out of range.
@@ -145,6 +151,7 @@ class StageWorker:
         max_batch_size: int = 32,
         max_batch_delay_s: float = 0.0,
         batching: bool = True,
+        max_gather_wait_s: float = 0.0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty string, got {name!r}.")
@@ -154,7 +161,11 @@ class StageWorker:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size!r}.")
         if not max_batch_delay_s >= 0:
             raise ConfigError(f"max_batch_delay_s must be >= 0 seconds, got {max_batch_delay_s!r}.")
+        if isinstance(max_gather_wait_s, bool) or not max_gather_wait_s >= 0:
+            raise ConfigError(f"max_gather_wait_s must be >= 0 seconds, got {max_gather_wait_s!r}.")
         self.name = name
+        self.max_gather_wait_s = float(max_gather_wait_s)
+        self._expected_sources: list[Callable[[], int]] = []
         self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = float(max_batch_delay_s)
@@ -348,14 +359,36 @@ class StageWorker:
         item.abandoned = True
         self._pending.discard(item)
 
+    def expect(self, source: Callable[[], int]) -> None:
+        """Add a source of how many batched items are expected soon (called on the loop).
+
+        The worker sums the sources when it forms a batch; with ``max_gather_wait_s > 0``
+        it waits (at most that long) until that many batched items are waiting. A server
+        counts its sessions in a decode loop, a pipeline its running streams.
+        """
+        self._expected_sources.append(source)
+
+    def _expected(self) -> int:
+        """(loop) Batched items expected soon, by the sources of :meth:`expect`."""
+        return sum(source() for source in self._expected_sources)
+
     async def _next_batch(self) -> list[Any]:
-        """(loop) Wait for the first item, then take everything else already waiting."""
+        """(loop) Wait for the first item, then take everything else already waiting.
+
+        Then wait for more, up to ``max_batch_delay_s`` for a full batch, or up to
+        ``max_gather_wait_s`` for the items :meth:`expect`'s sources announce.
+        """
         loop = asyncio.get_running_loop()
         items = [await self._queue.get()]
         self._drain(items)
-        if self.max_batch_delay_s > 0 and self._wants_more(items):
-            deadline = loop.time() + self.max_batch_delay_s
-            while self._wants_more(items):
+        target, wait_s = self.max_batch_size, self.max_batch_delay_s
+        if self.max_gather_wait_s > wait_s and self._expected_sources and self._wants_more(items):
+            expected = min(self.max_batch_size, self._expected())
+            if expected > self._batched(items):
+                target, wait_s = expected, self.max_gather_wait_s
+        if wait_s > 0 and self._wants_more(items, target):
+            deadline = loop.time() + wait_s
+            while self._wants_more(items, target):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -374,12 +407,16 @@ class StageWorker:
             except asyncio.QueueEmpty:
                 return
 
-    def _wants_more(self, items: list[Any]) -> bool:
-        """(loop) True while a batch could still grow: batched items present, room left, no sentinel."""
+    @staticmethod
+    def _batched(items: list[Any]) -> int:
+        return sum(1 for it in items if it is not _STOP and it.batch_fn is not None)
+
+    def _wants_more(self, items: list[Any], target: int | None = None) -> bool:
+        """(loop) True while a batch could still grow to ``target`` (default: a full batch)."""
         if items[-1] is _STOP or not self.batching:
             return False
-        batched = sum(1 for it in items if it.batch_fn is not None)
-        return 0 < batched < self.max_batch_size
+        batched = self._batched(items)
+        return 0 < batched < min(self.max_batch_size, target or self.max_batch_size)
 
     def _fail_pending(self, make_error: Callable[[], BaseException]) -> int:
         """(loop) Fail every unfinished call with a fresh error from ``make_error``; return how many."""

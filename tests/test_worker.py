@@ -102,8 +102,12 @@ async def test_thread_count_does_not_grow_with_concurrent_callers() -> None:
 async def test_torch_threads_is_applied_on_the_worker_thread() -> None:
     import torch
 
+    before = torch.get_num_threads()
     async with StageWorker("torch-threads", torch_threads=1) as worker:
         assert await worker.run(torch.get_num_threads) == 1
+        # torch's intra-op pool is shared by the process: give later tests their default back
+        await worker.run(torch.set_num_threads, before)
+    assert torch.get_num_threads() == before
 
 
 def test_importing_the_worker_does_not_import_torch() -> None:
@@ -362,3 +366,31 @@ async def test_misuse_fails_with_a_sentence() -> None:
 def test_bad_settings_raise_config_error(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         StageWorker(**kwargs)
+
+
+async def test_gather_waits_for_the_items_its_sources_expect() -> None:
+    calls: list[list[int]] = []
+
+    def batch_fn(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return items
+
+    expected = 3
+    async with StageWorker("gather", max_gather_wait_s=0.5) as worker:
+        worker.expect(lambda: expected)
+
+        async def later(i: int, delay_s: float) -> int:
+            await asyncio.sleep(delay_s)
+            return await worker.run_batched("k", i, batch_fn)
+
+        assert await asyncio.gather(later(0, 0), later(1, 0.02), later(2, 0.04)) == [0, 1, 2]
+        assert calls == [[0, 1, 2]]  # one batch, though the items came 20 ms apart
+        expected = 1  # nothing more is expected: an item runs at once, without waiting
+        calls.clear()
+        assert await asyncio.gather(later(3, 0), later(4, 0.1)) == [3, 4]
+        assert calls == [[3], [4]]
+
+
+def test_gather_wait_must_be_non_negative() -> None:
+    with pytest.raises(ConfigError, match="max_gather_wait_s"):
+        StageWorker(max_gather_wait_s=-1.0)

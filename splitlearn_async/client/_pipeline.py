@@ -25,6 +25,9 @@ __all__ = ["SplitPipeline", "StreamChunk"]
 
 logger = logging.getLogger(__name__)
 
+#: How long the pipeline's own worker waits for the steps of running streams to batch.
+_GATHER_WAIT_S = 0.01
+
 
 @dataclass(frozen=True)
 class StreamChunk:
@@ -82,12 +85,19 @@ class SplitPipeline:
         self._top_batch = functools.partial(_top_steps, top)
         self._closed = False
         self._trunk_checked = False
+        self._streams = 0  # streams inside their decode loop
+        self._expecting = False
 
     async def _ensure_worker(self) -> StageWorker:
         if self._closed:
             raise ClientClosed("Cannot generate, as the pipeline has been closed.")
         if self._worker is None:
-            self._worker = StageWorker(name="splitlearn-client")
+            self._worker = StageWorker(name="splitlearn-client", max_gather_wait_s=_GATHER_WAIT_S)
+        if not self._expecting:
+            # running streams send their next bottom/top step within milliseconds of each
+            # other: the worker may wait (max_gather_wait_s) for them to batch together
+            self._worker.expect(lambda: self._streams)
+            self._expecting = True
         if not self._worker.is_running:
             await self._worker.start()
         return self._worker
@@ -159,22 +169,35 @@ class SplitPipeline:
         decoder = _TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
         await self._check_trunk()
         session = await (self.trunk.open_session(adapter_id=self.adapter_id) if self.adapter_id else self.trunk.open_session())
-        async with session:
-            while not state.done:
-                new_mask = mask[:, -ids.shape[1]:]
-                # bottom and top steps of concurrent streams with as many new tokens batch together
-                hidden = await worker.run_batched(
-                    ("bottom", id(self.bottom), ids.shape[1]), (ids, mask, pos, caches[0]), self._bottom_batch
-                )  # (B, T, H)
-                hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
-                chosen = await worker.run_batched(
-                    ("top", id(self.top), hidden.shape[1]), (hidden, mask, pos, caches[1], state), self._top_batch
-                )
-                if isinstance(chosen, Exception):  # this stream failed, the batch did not
-                    raise chosen
-                ids, mask, pos = chosen
-                tokens = ids[:, 0]
-                yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
+        self._streams += 1
+        try:
+            steps = self._decode(worker, session, state, ids, mask, pos, caches, decoder)
+            async with session, contextlib.aclosing(steps):
+                async for chunk in steps:
+                    yield chunk
+        finally:
+            self._streams -= 1
+
+    async def _decode(
+        self, worker: StageWorker, session: Any, state: DecodeState, ids: torch.Tensor, mask: torch.Tensor,
+        pos: torch.Tensor, caches: tuple[Any, Any], decoder: _TextDecoder | None,
+    ) -> AsyncIterator[StreamChunk]:
+        """The decode loop of :meth:`stream`: bottom -> trunk -> top, one chunk per step."""
+        while not state.done:
+            new_mask = mask[:, -ids.shape[1]:]
+            # bottom and top steps of concurrent streams with as many new tokens batch together
+            hidden = await worker.run_batched(
+                ("bottom", id(self.bottom), ids.shape[1]), (ids, mask, pos, caches[0]), self._bottom_batch
+            )  # (B, T, H)
+            hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
+            chosen = await worker.run_batched(
+                ("top", id(self.top), hidden.shape[1]), (hidden, mask, pos, caches[1], state), self._top_batch
+            )
+            if isinstance(chosen, Exception):  # this stream failed, the batch did not
+                raise chosen
+            ids, mask, pos = chosen
+            tokens = ids[:, 0]
+            yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
 
     async def generate(
         self,

@@ -37,6 +37,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the worker waits for a batch to fill (default 0: batch only what is waiting)",
     )
     parser.add_argument(
+        "--max-gather-wait-s", type=float, default=0.01,
+        help="seconds the worker waits for the next steps of sessions in a decode loop (default 0.01; 0 = off)",
+    )
+    parser.add_argument(
         "--no-batching", dest="batching", action="store_false",
         help="run every session step alone (for comparisons)",
     )
@@ -91,6 +95,7 @@ def serve_main(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
         auth_token=args.token, torch_threads=args.torch_threads,
         max_batch_size=args.max_batch_size, max_batch_delay_s=args.max_batch_delay_s, batching=args.batching,
+        max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
     )
     trunk = load_stages(source, split, parts=("trunk",)).trunk

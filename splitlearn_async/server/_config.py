@@ -48,6 +48,11 @@ class ServerConfig:
         max_batch_delay_s: Seconds the worker waits for a batch to fill; 0 batches only the
             steps already waiting.
         batching: False runs every session step alone (for comparisons).
+        max_gather_wait_s: When sessions that are in a decode loop (busy, or stepped in the
+            last second) have not sent their next step yet, the worker waits up to this
+            long for them before it runs a batch, so that steps arriving a few
+            milliseconds apart do not split into batches that alternate forever. A lone
+            session never waits. 0 turns this off.
         prefill_chunk_tokens: A message with more new tokens than this runs in chunks of
             this many, queued one after another, so other sessions' decode steps run between
             them instead of waiting for the whole prompt; ``None`` never cuts.
@@ -83,6 +88,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_batch_delay_s: float = 0.0
     batching: bool = True
+    max_gather_wait_s: float = 0.01
     prefill_chunk_tokens: int | None = 256
     sweep_interval_s: float | None = None
     allow_full_training: bool = False
@@ -134,6 +140,12 @@ class ServerConfig:
             raise ConfigError(
                 f"ServerConfig.max_batch_delay_s must be a number >= 0, got {self.max_batch_delay_s!r}; "
                 "0 runs waiting work at once."
+            )
+        if isinstance(self.max_gather_wait_s, bool) or not isinstance(self.max_gather_wait_s, (int, float)) \
+                or not 0 <= self.max_gather_wait_s <= 1:
+            raise ConfigError(
+                f"ServerConfig.max_gather_wait_s must be a number in [0, 1] seconds, got {self.max_gather_wait_s!r}; "
+                "0 turns gathering off, 0.01 is the default."
             )
         if self.prefill_chunk_tokens is not None:
             _positive_int("prefill_chunk_tokens", self.prefill_chunk_tokens, "or None to never cut prompts")

@@ -41,6 +41,8 @@ __all__ = ["AsyncGRPCComputeServer"]
 logger = logging.getLogger(__name__)
 
 _Code = grpc.StatusCode
+#: A session that stepped within this many seconds counts as being in a decode loop.
+_ACTIVE_WINDOW_S = 1.0
 
 
 def _identity(body: bytes) -> bytes:
@@ -86,7 +88,10 @@ class AsyncGRPCComputeServer:
             max_batch_size=config.max_batch_size,
             max_batch_delay_s=config.max_batch_delay_s,
             batching=config.batching,
+            max_gather_wait_s=config.max_gather_wait_s,
         )
+        # sessions in a decode loop send their next step within milliseconds: wait for them
+        self.worker.expect(lambda: self.store.active(_ACTIVE_WINDOW_S))
         self._hidden_size = int(trunk.hidden_size)
         self._model_dtype = trunk.dtype
         self._reply_dtype = WIRE_DTYPES[config.wire_dtype] if config.wire_dtype else None

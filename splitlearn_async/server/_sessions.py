@@ -110,6 +110,11 @@ class SessionStore:
         """A snapshot of the open sessions."""
         return list(self._sessions.values())
 
+    def active(self, window_s: float) -> int:
+        """Sessions busy now or used within the last ``window_s`` seconds."""
+        now = self._clock()
+        return sum(1 for s in self._sessions.values() if s.busy or now - s.last_used_s < window_s)
+
     def check_tokens(self, rows: int, columns: int, what: str = "a session") -> None:
         """Raise :class:`SessionTooLong` if ``rows x columns`` exceeds ``max_session_tokens``."""
         if rows * columns > self.max_session_tokens:
