@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -28,6 +28,8 @@ from splitlearn_async import protocol as proto
 from splitlearn_async.errors import ConfigError, WireError
 from splitlearn_async.server._config import ServerConfig
 from splitlearn_async.server._metrics import NullMetrics, ServerMetrics
+from splitlearn_async.server._status import abort as _abort
+from splitlearn_async.server._status import sentence as _sentence
 from splitlearn_async.server._sessions import Session, SessionStore, SessionTooLong, StoreFull
 from splitlearn_async.server._training import TrainingService
 from splitlearn_async.wire import WIRE_DTYPES, Kind, unpack
@@ -534,15 +536,3 @@ def _chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
     if chunk is None or length <= chunk:
         return [(0, length)]
     return [(a, min(length, a + chunk)) for a in range(0, length, chunk)]
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    """End the call with ``code`` and ``details`` (a whole sentence)."""
-    await context.abort(code, details)
-    raise RuntimeError("context.abort returned instead of raising")  # pragma: no cover
-
-
-def _sentence(exc: BaseException) -> str:
-    """The exception's message as a sentence ending with a full stop."""
-    text = str(exc).strip() or type(exc).__name__
-    return text if text.endswith((".", "?", "!")) else text + "."

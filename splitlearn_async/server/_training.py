@@ -27,6 +27,8 @@ import grpc
 
 from splitlearn_async import protocol as proto
 from splitlearn_async.errors import CheckpointError, ConfigError, WireError
+from splitlearn_async.server._status import abort as _abort
+from splitlearn_async.server._status import sentence as _sentence
 from splitlearn_async.server._sessions import Session, SessionTooLong
 from splitlearn_async.training._config import TRUNK_MODES, LoraConfig, OptimizerConfig
 from splitlearn_async.training._engine import (
@@ -464,14 +466,3 @@ def _adapter_from_bytes(trunk: Any, weights: bytes, adapter_id: str) -> LoraAdap
     """(worker) Build an adapter for ``trunk`` from safetensors bytes."""
     tensors, meta = from_safetensors(weights)
     return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> Any:
-    """End the call with ``code`` and ``details`` (a whole sentence)."""
-    await context.abort(code, details)
-    raise RuntimeError("context.abort returned instead of raising")  # pragma: no cover
-
-
-def _sentence(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if text.endswith((".", "?", "!")) else text + "."
