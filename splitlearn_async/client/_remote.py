@@ -449,11 +449,17 @@ class RemoteTrunkSession(TrunkSession):
         call = self._call
         try:
             await call.write(body)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # The stream ended between two of our messages (every answer of ours was read,
+            # so it was no refusal of our input): the server stopped or the connection
+            # broke. grpc reports that as a local INTERNAL error; treat it as UNAVAILABLE,
+            # so the session reopens and replays (a refusal would then come back as such).
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise _StreamBroken(grpc.StatusCode.UNAVAILABLE, f"the stream ended before this message ({detail})") from exc
+        try:
             reply = await call.read()
         except grpc.aio.AioRpcError as exc:
             raise _StreamBroken(exc.code(), exc.details()) from exc
-        except asyncio.InvalidStateError:  # the call already ended; its status says why
-            reply = grpc.aio.EOF
         if reply is grpc.aio.EOF:
             code = await call.code()
             details = await call.details()

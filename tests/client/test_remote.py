@@ -307,3 +307,27 @@ async def test_unavailable_is_retried_with_growing_backoff():
     assert 3 <= len(calls) <= 8
     gaps = [b - a for a, b in zip(calls, calls[1:])]
     assert gaps[-1] > gaps[0]  # the waits grow (ordering of two gaps, not a time limit)
+
+
+async def test_a_stream_ended_by_a_server_restart_between_steps_is_replayed():
+    model = tiny_model("qwen2")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([5, 3], seed=4)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0)
+    await server.start()
+    port = server.port
+    config = ClientConfig(retry_deadline_s=30.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+    try:
+        async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote, SplitPipeline(bottom, remote, top) as pipeline:
+            steps = []
+            async for chunk in pipeline.stream(ids, mask, max_new_tokens=8, pad_token_id=0):
+                steps.append(chunk.tokens[:, None])
+                if len(steps) == 3:  # a graceful stop ends the open stream; a new server takes the port
+                    await server.stop(grace=0)
+                    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", port)
+                    await server.start()
+            assert remote.replays == 1
+        assert torch.equal(torch.cat([ids, *steps], dim=1), expected)
+    finally:
+        await server.stop(grace=0)
