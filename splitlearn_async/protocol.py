@@ -487,7 +487,8 @@ def parse_train_forward(
     training_id = _training_id(msg)
     keep_graph = bool(field(msg, "keep_graph", bool, required=False, default=True))
     inputs = parse_inputs(msg, hidden_size=hidden_size, expected=Kind.FORWARD, max_elements=max_elements)
-    assert isinstance(inputs, TrunkInputs)  # only 'forward' is expected
+    if not isinstance(inputs, TrunkInputs):  # parse_inputs returns Kind.CLOSE only when 'close' is expected
+        raise WireError("a TrainForward body must be a 'forward' message with hidden states.")
     return training_id, inputs, keep_graph
 
 

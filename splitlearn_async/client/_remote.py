@@ -257,7 +257,8 @@ class RemoteTrunk:
         body = proto.build_forward(hidden, attention_mask, position_ids, wire_dtype=self._wire_dtype)
         reply = await self.unary(proto.METHOD_FORWARD, body, what="a Forward call")
         result = _parse(reply, "a Forward call")
-        assert result.hidden_states is not None  # parse_result guarantees it for non-close replies
+        if result.hidden_states is None:
+            raise TrunkError("the server answered a Forward call without hidden states.")
         return result.hidden_states.to(hidden.dtype)
 
     async def info(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from splitlearn_async.errors import ConfigError, WireError
 from splitlearn_async.server._config import ServerConfig
 from splitlearn_async.server._metrics import NullMetrics, ServerMetrics
 from splitlearn_async.server._status import abort as _abort
+from splitlearn_async.server._status import cancel_and_wait
 from splitlearn_async.server._status import sentence as _sentence
 from splitlearn_async.server._sessions import Session, SessionStore, SessionTooLong, StoreFull
 from splitlearn_async.server._training import TrainingService
@@ -185,12 +186,7 @@ class AsyncGRPCComputeServer:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._sweeper)
         await self.training.stop()
         await self.worker.stop(grace)
         for session in self.store.sessions():

@@ -1,12 +1,13 @@
-"""How server handlers end a call: a status code with a whole sentence."""
+"""Helpers shared by the server's services: ending a call with a sentence, stopping a task."""
 
 from __future__ import annotations
 
-from typing import NoReturn
+import asyncio
+from typing import Any, NoReturn
 
 import grpc
 
-__all__ = ["abort", "sentence"]
+__all__ = ["abort", "sentence", "cancel_and_wait"]
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -19,3 +20,14 @@ def sentence(exc: BaseException) -> str:
     """The exception's message as a sentence ending with a full stop."""
     text = str(exc).strip() or type(exc).__name__
     return text if text.endswith((".", "?", "!")) else text + "."
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

@@ -28,6 +28,7 @@ import grpc
 from splitlearn_async import protocol as proto
 from splitlearn_async.errors import CheckpointError, ConfigError, WireError
 from splitlearn_async.server._status import abort as _abort
+from splitlearn_async.server._status import cancel_and_wait
 from splitlearn_async.server._status import sentence as _sentence
 from splitlearn_async.server._sessions import Session, SessionTooLong
 from splitlearn_async.training._config import TRUNK_MODES, LoraConfig, OptimizerConfig
@@ -113,13 +114,8 @@ class TrainingService:
 
     async def stop(self) -> None:
         """Stop the sweeper and free every graph and session (adapters go with the server)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except asyncio.CancelledError:
-                pass
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         self.pending.clear()
         self.sessions.clear()
 

@@ -239,7 +239,8 @@ class TrunkTrainer:
         self.micro_steps += 1
         if apply:
             self.optimizer_step()
-        assert grad_in is not None  # the input is a leaf of the graph
+        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
+            raise RuntimeError("backward produced no gradient for the trunk input; the kept graph does not reach it.")
         return grad_in.to(device="cpu", dtype=grad_output.dtype)  # (B, T, H)
 
     def optimizer_step(self) -> int:

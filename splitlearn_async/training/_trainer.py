@@ -275,7 +275,8 @@ class SplitTrainer:
             grad = out_leaf.grad
         else:  # only d loss / d out: no gradients for the top's weights (the LM head is large)
             (grad,) = torch.autograd.grad(loss * scale, out_leaf)
-        assert grad is not None
+        if grad is None:
+            raise RuntimeError("the top produced no gradient for the trunk output; is the loss connected to the logits?")
         return float(loss.detach()), grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
 
     def _top_loss(self, out: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> float:
