@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ATTENTION_NAME", "AttentionContext", "PlainContext", "CacheContext", "GroupContext", "ensure_registered"]
+__all__ = ["ATTENTION_NAME", "AttentionContext", "PlainContext", "CacheContext", "ensure_registered"]
 
 ATTENTION_NAME = "splitlearn"
 SUPPORTED_BASES = ("sdpa", "eager")
@@ -62,17 +62,25 @@ def _splitlearn_attention(
 class AttentionContext:
     """Per-forward state shared by all layers of one stage call.
 
-    Subclasses decide where keys and values come from (:meth:`keys_values`) and which
-    columns are valid; this class builds masks (one per window size, memoised) and calls
-    the transformers kernel.
+    Subclasses decide where keys and values come from (:meth:`keys_values`); this class
+    builds masks (one per window size, memoised) and calls the transformers kernel.
+
+    Args:
+        base: ``"sdpa"`` or ``"eager"``.
+        q_start: Cache column of each row's first query: an int for all rows, or ``(B,)``.
+        q_len: Queries per row ``T``.
+        valid: ``(B, L)`` bool over all kv columns the call attends to, or None for "all valid".
+        uniform: True when every row has the same columns (no row is padded at the end).
     """
 
-    def __init__(self, base: str, q_start: int, q_len: int, valid: torch.Tensor | None) -> None:
-        # valid: (B, L) bool over all kv columns this call attends to, or None for "all valid"
+    def __init__(
+        self, base: str, q_start: int | torch.Tensor, q_len: int, valid: torch.Tensor | None, uniform: bool = True
+    ) -> None:
         self.base = base
         self.q_start = q_start
         self.q_len = q_len
         self.valid = valid
+        self.uniform = uniform
         self._masks: dict[int | None, torch.Tensor | None] = {}
 
     def keys_values(
@@ -107,17 +115,20 @@ class AttentionContext:
     ) -> torch.Tensor | None:
         valid = self.valid
         all_valid = valid is None or bool(valid.all())
-        if self.base == "sdpa" and all_valid and (self.q_len == 1 or self.q_len == kv_len):
+        if self.base == "sdpa" and all_valid and self.uniform and (self.q_len == 1 or self.q_len == kv_len):
             if window is None or kv_len < window:
                 return None  # sdpa's is_causal (or no mask for one query) is exact here
-        q_cols = torch.arange(self.q_start, self.q_start + self.q_len, device=device)  # (T,)
+        q_start = self.q_start
+        if isinstance(q_start, torch.Tensor):
+            q_start = q_start.to(device)[:, None]  # (B, 1)
+        q_cols = q_start + torch.arange(self.q_len, device=device)[None, :]  # (B or 1, T)
         kv_cols = torch.arange(kv_len, device=device)  # (L,)
-        mask = kv_cols[None, :] <= q_cols[:, None]  # (T, L) causal over cache columns
+        mask = kv_cols[None, None, :] <= q_cols[:, :, None]  # (B or 1, T, L) causal over cache columns
         if window is not None:
-            mask = mask & (kv_cols[None, :] > q_cols[:, None] - window)
-        mask = mask[None, None]  # (1, 1, T, L)
+            mask = mask & (kv_cols[None, None, :] > q_cols[:, :, None] - window)
+        mask = mask[:, None]  # (B or 1, 1, T, L)
         if valid is not None:
-            mask = mask & valid[:, None, None, :kv_len]  # (B, 1, T, L)
+            mask = mask & valid[:, None, None, :kv_len].to(device)  # (B, 1, T, L)
         if self.base == "eager":
             zero = torch.zeros((), dtype=dtype, device=device)
             return torch.where(mask, zero, torch.finfo(dtype).min)
@@ -135,40 +146,43 @@ class PlainContext(AttentionContext):
 
 
 class CacheContext(AttentionContext):
-    """Writes the call's keys/values into a :class:`~splitlearn_async.models.cache.KVCache`."""
+    """Attention of all rows of a :class:`~splitlearn_async.models.cache.CacheGroup`, one call per layer.
 
-    def __init__(self, base: str, cache: Any, q_len: int) -> None:
-        start = cache.length
-        super().__init__(base, start, q_len, cache.valid[:, : start + q_len])
-        self.cache = cache
-
-    def keys_values(self, module, key, value):
-        return self.cache.write(module.layer_idx, self.q_start, key, value)
-
-
-class GroupContext:
-    """Attention for a :class:`~splitlearn_async.models.cache.CacheGroup`: one batch, many caches.
-
-    The layer computes queries, keys and values for all rows of the batch at once; this
-    context cuts them by cache, lets each cache's :class:`CacheContext` write its keys and
-    values and attend over its own columns with its own mask, and joins the outputs. So the
-    rows of one cache give the very same attention result as when that cache runs alone.
+    Built once per stage call (after ``group.begin``): the slots of the new columns, and
+    for every row the slots of all its columns, padded to the longest row with the pool's
+    padding slot. Each layer then writes the new keys/values of all rows with one
+    ``index_copy_``, gathers all rows' keys/values with one ``index_select`` into a
+    ``(B, Hkv, Lmax, D)`` view, and makes one kernel call under a mask that is causal over
+    each row's own columns, hides padding and columns past the row's end, and applies the
+    sliding window. A call on empty caches (a prefill) attends over its own keys, as the
+    unsplit model does.
     """
 
-    def __init__(self, base: str, group: Any, q_len: int) -> None:
-        self.slices = group.slices()
-        self.contexts = [CacheContext(base, cache, q_len) for cache in group.caches]
+    def __init__(self, base: str, group: Any, q_len: int, new_slots: torch.Tensor) -> None:
+        lengths = group.lengths()  # (B,) columns before this call
+        uniform = bool((lengths == lengths[0]).all())
+        self.fresh = bool(lengths[0] == 0) and uniform
+        kv_len = int(lengths.max()) + q_len
+        gather = torch.zeros(group.batch_size, kv_len, dtype=torch.long)  # slot 0: the padding slot
+        valid = torch.zeros(group.batch_size, kv_len, dtype=torch.bool, device=group.pool.device)
+        for cache, rows in zip(group.caches, group.slices()):
+            end = cache.length + q_len
+            gather[rows, :end] = cache.slots[:, :end]
+            valid[rows, :end] = cache.valid[:, :end]
+        super().__init__(base, lengths if not uniform else int(lengths[0]), q_len, valid, uniform)
+        device = group.pool.device
+        self.pool = group.pool
+        self.kv_len = kv_len
+        self.write_slots = new_slots.reshape(-1).to(device)  # (B * T,)
+        self.gather_slots = gather.reshape(-1).to(device)  # (B * Lmax,)
 
-    def attend(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,  # (B, H, T, D), all rows of the group
-        key: torch.Tensor,  # (B, Hkv, T, D)
-        value: torch.Tensor,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        outputs = [
-            ctx.attend(module, query[rows], key[rows], value[rows], **kwargs)[0]  # (B_i, T, H, D)
-            for ctx, rows in zip(self.contexts, self.slices)
-        ]
-        return torch.cat(outputs, dim=0), None  # (B, T, H, D)
+    def keys_values(self, module, key, value):
+        b, h, t, d = key.shape
+        k_store, v_store = self.pool.storage(module.layer_idx, key)  # (capacity, Hkv, D)
+        k_store.index_copy_(0, self.write_slots, key.transpose(1, 2).reshape(b * t, h, d))
+        v_store.index_copy_(0, self.write_slots, value.transpose(1, 2).reshape(b * t, h, d))
+        if self.fresh:
+            return key, value
+        keys = k_store.index_select(0, self.gather_slots).view(b, self.kv_len, h, d).transpose(1, 2)
+        values = v_store.index_select(0, self.gather_slots).view(b, self.kv_len, h, d).transpose(1, 2)
+        return keys, values  # (B, Hkv, Lmax, D)

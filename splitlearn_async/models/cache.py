@@ -1,10 +1,134 @@
-"""The KV cache of one stage for one batch of sequences, and groups of caches run as one batch."""
+"""KV caches of a stage: one token pool per stage, a slot table per cache, groups run as one batch.
+
+Memory follows the tokens really held. A :class:`KVPool` stores the keys and values of
+every cache of one stage, token by token: per layer one tensor ``(capacity, Hkv, D)``
+whose rows are *slots* (a page size of one token, as SGLang's token pool). A
+:class:`KVCache` owns a slot table ``(batch_size, columns)``: column ``c`` of row ``r`` lives
+in slot ``slots[r, c]``. Slots are taken as tokens arrive and go back to the pool when the
+cache is released (or dropped), so 2048 sessions of one token hold 2048 slots, as one
+session of 2048 tokens does.
+
+Attention over a ragged batch is one call per layer (see ``attention.CacheContext``): the
+new keys and values of all rows are written with one ``index_copy_``, and the keys and
+values of all rows are gathered with one ``index_select`` into a ``(N, Hkv, Lmax, D)``
+view, padded with the pool's *padding slot* (slot 0, all zeros, never written or handed
+out) and masked.
+
+Threads: the stage's worker thread writes and reads slots. :meth:`KVCache.release` (and a
+dropped cache) may come from any thread; its slots return to the pool only at the next
+:meth:`KVPool.allocate`, which runs on the worker thread between stage calls, so a step in
+flight never sees its slots handed to another cache.
+"""
 
 from __future__ import annotations
 
+import threading
+import weakref
 import torch
 
-__all__ = ["KVCache", "CacheGroup"]
+__all__ = ["KVPool", "KVCache", "CacheGroup", "CacheReleased"]
+
+_PAD_SLOT = 0
+
+
+class CacheReleased(ValueError):
+    """A released KV cache was passed to a stage; it holds no slots any more."""
+
+
+class KVPool:
+    """Token slots for the keys and values of every cache of one stage.
+
+    Storage per layer is allocated on its first write, with that layer's head count,
+    head size and dtype, and grows by doubling (all layers together, since a slot means
+    the same token in every layer). When the last slot is released the storage is freed.
+
+    Args:
+        device: Where the tensors live.
+        initial_slots: Slots of the first allocation (the padding slot included).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", initial_slots: int = 256) -> None:
+        if initial_slots < 2:
+            raise ValueError(f"initial_slots must be >= 2 (one is the padding slot), got {initial_slots}.")
+        self.device = torch.device(device)
+        self.initial_slots = initial_slots
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> (capacity, Hkv, D)
+        self.values: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._capacity = 0
+        self._free: list[int] = []
+        self._released: list[torch.Tensor] = []  # slot lists waiting to return to _free
+
+    @property
+    def capacity(self) -> int:
+        """Slots the storage has room for (the padding slot included)."""
+        return self._capacity
+
+    @property
+    def slots_used(self) -> int:
+        """Slots held by caches (released ones that are not yet back in the free list included)."""
+        with self._lock:
+            return max(0, self._capacity - 1 - len(self._free))
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes one token takes over all layers' keys and values (0 before the first write)."""
+        tensors = [*self.keys.values(), *self.values.values()]
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def nbytes(self) -> int:
+        """Bytes of the storage, spare capacity included."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def allocate(self, count: int) -> torch.Tensor:
+        """Take ``count`` free slots (growing the storage if needed); returns their ids ``(count,)``."""
+        with self._lock:
+            self._reclaim()
+            if len(self._free) < count:
+                self._grow(count)
+            taken = self._free[len(self._free) - count :]
+            del self._free[len(self._free) - count :]
+        return torch.tensor(taken, dtype=torch.long)
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Give slots back; they become free at the next :meth:`allocate` (any thread may call this)."""
+        if slots.numel():
+            with self._lock:
+                self._released.append(slots)
+
+    def storage(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(capacity, Hkv, D)`` of ``layer``, made like ``like`` ``(B, Hkv, T, D)`` if new."""
+        k = self.keys.get(layer)
+        if k is None or k.dtype != like.dtype:
+            shape = (self._capacity, like.shape[1], like.shape[3])
+            k = self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return k, self.values[layer]
+
+    def _reclaim(self) -> None:
+        """(locked) Return released slots to the free list; free the storage once nothing is held."""
+        if self._released:
+            for slots in self._released:
+                self._free.extend(slots.tolist())
+            self._released.clear()
+            if len(self._free) == self._capacity - 1 and self._capacity > self.initial_slots:
+                self.keys.clear()
+                self.values.clear()
+                self._capacity = 0
+                self._free.clear()
+
+    def _grow(self, count: int) -> None:
+        """(locked) Make room for ``count`` more free slots."""
+        old = self._capacity
+        new = max(self.initial_slots, 2 * old, old + count - len(self._free) + (0 if old else 1))
+        for store in (self.keys, self.values):
+            for layer, t in store.items():
+                grown = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                grown[:old] = t
+                store[layer] = grown
+        first = max(old, _PAD_SLOT + 1)
+        self._free[:0] = range(new - 1, first - 1, -1)  # taken from the end: low ids first
+        self._capacity = new
 
 
 class KVCache:
@@ -12,104 +136,137 @@ class KVCache:
 
     Columns are cache positions, shared by all rows: a left-padded prompt of length ``T``
     fills columns ``0..T-1`` of every row, and each decode step adds one column. A column
-    is *valid* where the row holds a real token (padding is stored but masked). Tensors
-    are allocated on first write with the layer's own head count, dtype and device, and
-    grow by doubling, so a decode step appends in place.
+    is *valid* where the row holds a real token (padding is stored but masked). Each
+    column of each row holds one slot of the stage's :class:`KVPool`.
+
+    Args:
+        batch_size: Rows.
+        pool: The stage's pool (``Stage.new_cache`` passes it); None makes a private one,
+            whose cache then cannot be grouped with others.
+        device: Device of a private pool.
 
     Attributes:
         length: Columns written so far.
-        valid: ``(batch_size, capacity)`` bool; only ``[:, :length]`` is meaningful.
+        valid: ``(batch_size, >= length)`` bool; only ``[:, :length]`` is meaningful.
     """
 
-    def __init__(self, batch_size: int, device: torch.device | str = "cpu", capacity: int = 64) -> None:
+    def __init__(self, batch_size: int, pool: KVPool | None = None, device: torch.device | str = "cpu") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
-        self.device = torch.device(device)
+        self.pool = pool if pool is not None else KVPool(device)
+        self.device = self.pool.device
         self.length = 0
-        self.valid = torch.zeros(batch_size, max(1, capacity), dtype=torch.bool, device=self.device)
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
+        self._held = _Held(torch.zeros(batch_size, 0, dtype=torch.long))
+        self._pending = 0  # columns reserved by begin() and not yet committed
+        self._released = False
+        # a cache dropped without release() still gives its slots back
+        self._finalizer = weakref.finalize(self, _give_back, self.pool, self._held)
 
     @property
-    def capacity(self) -> int:
-        return self.valid.shape[1]
+    def slots(self) -> torch.Tensor:
+        """``(batch_size, >= length)`` slot ids; only ``[:, :length]`` is meaningful."""
+        return self._held.slots
+
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` was called."""
+        return self._released
 
     def nbytes(self) -> int:
-        """Bytes held by keys, values and the validity mask."""
-        tensors = [*self.keys.values(), *self.values.values(), self.valid]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes this cache holds: its slots in the pool, its slot table and validity mask."""
+        held = self.batch_size * self.length
+        tables = self.slots[:, : self.length].numel() * 8 + self.valid[:, : self.length].numel()
+        return held * self.pool.bytes_per_slot + tables
 
-    def begin(self, new_valid: torch.Tensor) -> None:
-        """Reserve columns for ``new_valid.shape[1]`` tokens and record which are real.
+    def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Take slots for ``new_valid.shape[1]`` new columns and record which are real.
 
-        ``new_valid`` is ``(batch_size, T)`` bool. Nothing becomes visible to later calls
-        until :meth:`commit`, so a failed forward leaves the cache as it was.
+        ``new_valid`` is ``(batch_size, T)`` bool. Returns the new columns' slots
+        ``(batch_size, T)``. Nothing becomes visible to later calls until :meth:`commit`;
+        :meth:`abort` gives the slots back, so a failed forward leaves the cache as it was.
+
+        Raises:
+            CacheReleased: the cache was released.
+            ValueError: ``new_valid`` has another number of rows.
         """
+        if self._released:
+            raise CacheReleased("this KV cache was released (its session was closed); open a new session.")
         if new_valid.shape[0] != self.batch_size:
             raise ValueError(
                 f"this cache holds {self.batch_size} rows but the call has {new_valid.shape[0]}; "
                 "use one cache per batch of sequences."
             )
-        end = self.length + new_valid.shape[1]
-        if end > self.capacity:
-            self._grow_valid(end)
-        self.valid[:, self.length : end] = new_valid
+        count = new_valid.shape[1]
+        end = self.length + count
+        if end > self.slots.shape[1]:
+            self._grow_tables(end)
+        new_slots = self.pool.allocate(self.batch_size * count).view(self.batch_size, count)
+        self.slots[:, self.length : end] = new_slots
+        self.valid[:, self.length : end] = new_valid.to(self.device)
+        self._pending = count
+        self._held.count = end
+        return new_slots
 
-    def write(
-        self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key``/``value`` ``(B, Hkv, T, D)`` at columns ``start..start+T`` of ``layer``.
-
-        Returns views of all columns ``0..start+T`` of that layer: ``(B, Hkv, start+T, D)``.
-        """
-        end = start + key.shape[2]
-        k_buf = self.keys.get(layer)
-        if k_buf is None or end > k_buf.shape[2] or k_buf.dtype != key.dtype:
-            k_buf = self._grow(self.keys, layer, key, end)
-            self._grow(self.values, layer, value, end)
-        v_buf = self.values[layer]
-        k_buf[:, :, start:end] = key
-        v_buf[:, :, start:end] = value
-        return k_buf[:, :, :end], v_buf[:, :, :end]
-
-    def commit(self, new_valid: torch.Tensor) -> None:
+    def commit(self) -> None:
         """Make the columns reserved by :meth:`begin` part of the cache."""
-        self.length += new_valid.shape[1]
+        self.length += self._pending
+        self._pending = 0
 
-    def _grow_valid(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
-        grown = torch.zeros(self.batch_size, new_cap, dtype=torch.bool, device=self.device)
-        grown[:, : self.length] = self.valid[:, : self.length]
-        self.valid = grown
+    def abort(self) -> None:
+        """Give back the slots reserved by :meth:`begin` (the forward failed)."""
+        if self._pending:
+            self.pool.release(self.slots[:, self.length : self.length + self._pending].reshape(-1).clone())
+            self._pending = 0
+            self._held.count = self.length
 
-    def _grow(
-        self, store: dict[int, torch.Tensor], layer: int, like: torch.Tensor, needed: int
-    ) -> torch.Tensor:
-        old = store.get(layer)
-        cap = max(needed, self.capacity, 2 * old.shape[2] if old is not None else 0)
-        b, h, _, d = like.shape
-        buf = torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device)
-        if old is not None:
-            buf[:, :, : self.length] = old[:, :, : self.length]
-        store[layer] = buf
-        return buf
+    def release(self) -> None:
+        """Give every slot back to the pool; the cache is unusable afterwards. A second call does nothing."""
+        if not self._released:
+            self._released = True
+            self._finalizer()
+
+    def _grow_tables(self, needed: int) -> None:
+        cap = max(needed, 2 * self.slots.shape[1], 4)
+        slots = torch.zeros(self.batch_size, cap, dtype=torch.long)
+        valid = torch.zeros(self.batch_size, cap, dtype=torch.bool, device=self.device)
+        slots[:, : self.length] = self.slots[:, : self.length]
+        valid[:, : self.length] = self.valid[:, : self.length]
+        self._held.slots, self.valid = slots, valid
+
+
+class _Held:
+    """A cache's slot table and how many of its columns hold slots; what its finalizer frees."""
+
+    __slots__ = ("slots", "count")
+
+    def __init__(self, slots: torch.Tensor) -> None:
+        self.slots = slots  # (batch_size, capacity) slot ids
+        self.count = 0  # columns [0, count) hold slots (committed or reserved)
+
+
+def _give_back(pool: KVPool, held: _Held) -> None:
+    """Finalizer of a cache: called by release(), or when the cache is collected."""
+    if held.count:
+        pool.release(held.slots[:, : held.count].reshape(-1).clone())
+        held.count = 0
 
 
 class CacheGroup:
-    """Several :class:`KVCache` objects run as one batch (selective batching across sessions).
+    """Several :class:`KVCache` objects of one pool run as one batch (continuous batching).
 
     The batch's rows are the caches' rows one after the other: rows
-    ``offsets[i]:offsets[i + 1]`` belong to ``caches[i]``. The linear layers, norms and MLPs
-    of a stage see all rows at once; attention is done per cache, each over its own columns
-    (see ``attention.GroupContext``), so caches of different lengths need no padding and
-    no copies. Every cache advances by the same number of new tokens ``T``.
+    ``offsets[i]:offsets[i + 1]`` belong to ``caches[i]``. Every layer of a stage sees all
+    rows at once, attention included: keys and values are gathered from the pool by the
+    caches' slot tables, so caches of different lengths need no copies of their own.
+    Every cache advances by the same number of new tokens ``T``.
 
     Args:
-        caches: The caches, in batch-row order; each one at most once.
+        caches: The caches, in batch-row order; each one at most once, all of one pool.
 
     Raises:
-        ValueError: no caches, or a cache appears twice.
+        ValueError: no caches, a cache appears twice, or the caches belong to different pools.
     """
 
     def __init__(self, caches: list[KVCache]) -> None:
@@ -117,7 +274,12 @@ class CacheGroup:
             raise ValueError("a CacheGroup needs at least one cache.")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one CacheGroup; a session can take part in a batch once.")
+        if len({id(c.pool) for c in caches}) != 1:
+            raise ValueError(
+                "the caches of one CacheGroup must share a KVPool; make them with the same stage's new_cache()."
+            )
         self.caches = list(caches)
+        self.pool = caches[0].pool
         self.offsets = [0]
         for cache in self.caches:
             self.offsets.append(self.offsets[-1] + cache.batch_size)
@@ -127,23 +289,39 @@ class CacheGroup:
         """The batch rows of each cache."""
         return [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
 
+    def lengths(self) -> torch.Tensor:
+        """Columns each row held before this call: ``(batch_size,)``."""
+        return torch.cat([torch.full((c.batch_size,), c.length, dtype=torch.long) for c in self.caches])
+
     def positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Default position ids ``(batch_size, length)``: each cache's columns so far + arange."""
-        return torch.cat([
-            torch.arange(c.length, c.length + length, device=device).expand(c.batch_size, length)
-            for c in self.caches
-        ])
+        return (self.lengths()[:, None] + torch.arange(length)[None]).to(device)
 
-    def begin(self, new_valid: torch.Tensor) -> None:
-        """:meth:`KVCache.begin` of every cache with its rows of ``new_valid`` ``(batch_size, T)``."""
+    def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """:meth:`KVCache.begin` of every cache with its rows of ``new_valid`` ``(batch_size, T)``.
+
+        Returns the new columns' slots ``(batch_size, T)``. If one cache refuses, those
+        already begun are aborted and the error is raised.
+        """
         if new_valid.shape[0] != self.batch_size:
             raise ValueError(
                 f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}."
             )
-        for cache, rows in zip(self.caches, self.slices()):
-            cache.begin(new_valid[rows])
+        slots = []
+        try:
+            for cache, rows in zip(self.caches, self.slices()):
+                slots.append(cache.begin(new_valid[rows]))
+        except BaseException:
+            self.abort()
+            raise
+        return torch.cat(slots)
 
-    def commit(self, new_valid: torch.Tensor) -> None:
+    def commit(self) -> None:
         """:meth:`KVCache.commit` of every cache."""
-        for cache, rows in zip(self.caches, self.slices()):
-            cache.commit(new_valid[rows])
+        for cache in self.caches:
+            cache.commit()
+
+    def abort(self) -> None:
+        """:meth:`KVCache.abort` of every cache."""
+        for cache in self.caches:
+            cache.abort()

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import SplitPointError
-from .attention import ATTENTION_NAME, SUPPORTED_BASES, CacheContext, GroupContext, PlainContext, ensure_registered
-from .cache import CacheGroup, KVCache
+from .attention import ATTENTION_NAME, SUPPORTED_BASES, CacheContext, PlainContext, ensure_registered
+from .cache import CacheGroup, KVCache, KVPool
 from .families import Family, family_for
 
 __all__ = [
@@ -128,9 +128,21 @@ class Stage(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def kv_pool(self) -> KVPool:
+        """The token pool that holds the keys and values of every cache of this stage."""
+        pool = self.__dict__.get("_kv_pool")
+        if pool is None or pool.device != self.device:
+            pool = self.__dict__["_kv_pool"] = KVPool(self.device)
+        return pool
+
     def new_cache(self, batch_size: int) -> KVCache:
-        """An empty KV cache for ``batch_size`` sequences on this stage's device."""
-        return KVCache(batch_size, device=self.device)
+        """An empty KV cache for ``batch_size`` sequences in this stage's :attr:`kv_pool`.
+
+        Caches of one stage can run together as a :class:`CacheGroup`. A cache holds pool
+        slots until :meth:`KVCache.release` is called or the cache is dropped.
+        """
+        return KVCache(batch_size, self.kv_pool)
 
     # ---- the shared forward path -----------------------------------------------------
     def _prepare(
@@ -172,14 +184,20 @@ class Stage(nn.Module):
     ) -> torch.Tensor:
         if self.num_layers == 0:
             return hidden
-        if isinstance(cache, CacheGroup):  # several sessions: attention per cache, the rest batched
-            cache.begin(new_valid)
-            ctx: Any = GroupContext(self.attn_kernel, cache, hidden.shape[1])
-        elif cache is not None:
-            cache.begin(new_valid)
-            ctx = CacheContext(self.attn_kernel, cache, hidden.shape[1])
-        else:
-            ctx = PlainContext(self.attn_kernel, hidden.shape[1], new_valid)
+        if cache is None:
+            return self._run_layer_stack(hidden, position_ids, PlainContext(self.attn_kernel, hidden.shape[1], new_valid))
+        group = CacheGroup([cache]) if isinstance(cache, KVCache) else cache
+        new_slots = group.begin(new_valid)  # (B, T)
+        try:  # one or several sessions: every layer makes one attention call over the pool
+            ctx = CacheContext(self.attn_kernel, group, hidden.shape[1], new_slots)
+            hidden = self._run_layer_stack(hidden, position_ids, ctx)
+        except BaseException:
+            group.abort()
+            raise
+        group.commit()
+        return hidden
+
+    def _run_layer_stack(self, hidden: torch.Tensor, position_ids: torch.Tensor, ctx: Any) -> torch.Tensor:
         pos_emb = self._position_embeddings(hidden, position_ids)
         layer_types = getattr(self.config, "layer_types", None)
         for idx, layer in self.iter_layers():
@@ -195,8 +213,6 @@ class Stage(nn.Module):
                 splitlearn_attention=ctx,
                 **kwargs,
             )
-        if cache is not None:
-            cache.commit(new_valid)
         return hidden
 
     def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
