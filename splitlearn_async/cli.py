@@ -197,6 +197,9 @@ async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.
     from .models.loading import load_stages
 
     tokenizer = load_tokenizer(bundle)
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP team on this thread: it would throttle the worker's (see worker.py)
     stages = load_stages(bundle, parts=("bottom", "top"))
     shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     async with RemoteTrunk(address, client_config) as trunk, SplitPipeline(

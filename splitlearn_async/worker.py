@@ -14,6 +14,17 @@ caller gets the exception, the rest carry on) and the thread dying (every pendin
 later call fails fast with :class:`WorkerDied`).
 
 This module does not import torch; the thread imports it only to set its thread count.
+
+Threads and OpenMP: torch's CPU kernels run on OpenMP teams, one per thread that starts a
+parallel region, and libgomp stops its threads from spinning between regions as soon as
+it manages more threads than there are cores. A second team in the process (the event
+loop's, say, after it converted one large tensor) makes every step of the worker's team
+pay futex wake-ups instead: on 2 cores a SmolLM2 trunk step went from 22 ms to 38 ms. So
+the worker sets its own thread count explicitly (all cores it may run on, by default),
+and while it runs, the thread that started it (the event loop's) runs torch with one
+thread, which never starts a team. Load models before starting the worker with
+``torch.set_num_threads(1)`` on the main thread, or on the worker itself, for the same
+reason (``splitlearn serve`` does).
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +75,13 @@ class WorkerStats:
     batches_run: int = 0
     largest_batch: int = 0
     batch_size_counts: dict[int, int] = field(default_factory=dict)
+
+
+def _cores() -> int:
+    """Cores the calling thread may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class _Item:
@@ -125,8 +145,11 @@ class StageWorker:
 
     Args:
         name: Thread name, also used in log lines and error messages.
-        torch_threads: If given, ``torch.set_num_threads(torch_threads)`` is called once
-            on the worker thread before its first item (torch's intra-op threads).
+        torch_threads: ``torch.set_num_threads(torch_threads)`` is called once on the
+            worker thread before its first item (torch's intra-op threads); None means
+            every core the thread may run on (``os.sched_getaffinity``). Meanwhile the
+            starting thread runs torch with one thread (see the module's docstring); stop()
+            gives it back its count.
         max_batch_size: Most items passed to one ``batch_fn`` call.
         max_batch_delay_s: After taking a batched item, wait up to this long for more
             items to fill a batch; 0 runs what is waiting at once.
@@ -182,6 +205,7 @@ class StageWorker:
         self._pending: set[_Item] = set()
         self._stats = WorkerStats()
         self._stats_lock = threading.Lock()
+        self._caller_threads: int | None = None  # the starting thread's torch threads, restored at stop
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -202,6 +226,10 @@ class StageWorker:
                 raise RuntimeError(f"StageWorker {self.name!r} was started on another event loop.")
             return
         self._loop = loop
+        torch = sys.modules.get("torch")
+        if torch is not None and self._caller_threads is None:  # no OpenMP team on the loop's thread
+            self._caller_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
         self._thread = threading.Thread(target=self._thread_main, args=(loop,), name=self.name, daemon=True)
         self._accepting = True
         self._thread.start()
@@ -245,6 +273,9 @@ class StageWorker:
             )
             await self._exited.wait()  # the thread skips the dropped items; only a running one delays it
         self._thread.join()  # it has posted its last callback, so it is returning now
+        if self._caller_threads is not None:
+            sys.modules["torch"].set_num_threads(self._caller_threads)
+            self._caller_threads = None
         logger.debug("StageWorker %r stopped", self.name)
 
     async def __aenter__(self) -> StageWorker:
@@ -466,10 +497,10 @@ class StageWorker:
     def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
         """The worker thread: take items, run them, hand back outcomes; end at the sentinel."""
         try:
-            if self.torch_threads is not None:
+            if self.torch_threads is not None or "torch" in sys.modules:
                 import torch  # lazily: importing this module must not import torch
 
-                torch.set_num_threads(self.torch_threads)
+                torch.set_num_threads(self.torch_threads or _cores())
             while True:
                 items = self._wait_for_items(loop)
                 if items is None:

@@ -14,18 +14,26 @@ LATENCY = Path(__file__).resolve().parent.parent / "benchmarks" / "latency.py"
 pytestmark = pytest.mark.slow
 
 
-def test_latency_quick(tmp_path):
+@pytest.mark.parametrize("placement", ["isolated", "shared"])
+def test_latency_quick(tmp_path, placement):
     out = tmp_path / "latency.json"
     run = subprocess.run(
-        [sys.executable, str(LATENCY), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=240
+        [sys.executable, str(LATENCY), "--quick", "--placement", placement, "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "one session:" in run.stdout and "server threads" in run.stdout
+    assert f"placement {placement}:" in run.stdout
     report = json.loads(out.read_text())
+    assert report["placement"]["name"] == placement
+    if placement == "isolated":  # the server on one core with one thread, the client on the others
+        assert len(report["placement"]["server_cpus"]) == 1 and report["placement"]["server_threads"] == 1
     assert report["one_session"]["identical_tokens"] is True
     assert [row["n"] for row in report["table"]] == [1, 2]
     for row in report["table"]:
-        for key in ("on_tok_s", "off_tok_s", "inproc_tok_s", "p50_ms", "ttft_ms", "loadgen_steps_s", "trunk_inproc_steps_s"):
+        for key in ("on_tok_s", "off_tok_s", "inproc_tok_s", "p50_ms", "ttft_ms", "server_steps_s", "hf_trunk_steps_s",
+                    "stage_steps_s", "cpu_1k_server", "cpu_1k_client", "cpu_1k_inproc", "server_cpu_ms_step",
+                    "hf_cpu_ms_step"):
             assert row[key] is not None and row[key] > 0, key
     assert report["server_threads_constant"] is True
     assert out.with_suffix(".png").stat().st_size > 0

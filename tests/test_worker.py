@@ -99,6 +99,19 @@ async def test_thread_count_does_not_grow_with_concurrent_callers() -> None:
         assert threading.active_count() == baseline
 
 
+async def test_the_worker_owns_torch_threads_and_the_starting_thread_gets_one() -> None:
+    """No second OpenMP team: the loop's thread runs torch single-threaded while a worker runs."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    async with StageWorker("torch-owner") as worker:
+        assert await worker.run(torch.get_num_threads) == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 async def test_torch_threads_is_applied_on_the_worker_thread() -> None:
     import torch
 

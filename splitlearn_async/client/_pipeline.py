@@ -25,8 +25,11 @@ __all__ = ["SplitPipeline", "StreamChunk"]
 
 logger = logging.getLogger(__name__)
 
-#: How long the pipeline's own worker waits for the steps of running streams to batch.
-_GATHER_WAIT_S = 0.01
+#: How long, at most, the pipeline's own worker waits for the decode steps of streams whose
+#: trunk call is in flight, so that all streams batch as one. The count it waits for is
+#: exact (streams between sending their trunk step and getting their next tokens), so the
+#: wait ends as soon as they arrive; this bound only covers a trunk call that is slow.
+GATHER_WAIT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -82,21 +85,23 @@ class SplitPipeline:
         self._owns_worker = worker is None
         # one batch function per stage, so concurrent streams' steps share a worker call
         self._bottom_batch = functools.partial(_bottom_steps, bottom)
-        self._top_batch = functools.partial(_top_steps, top)
+        self._step_batch = functools.partial(_top_bottom_steps, top, bottom)
         self._closed = False
         self._trunk_checked = False
         self._streams = 0  # streams inside their decode loop
+        self._stepping = 0  # streams between sending a trunk step and getting their next tokens
         self._expecting = False
 
     async def _ensure_worker(self) -> StageWorker:
         if self._closed:
             raise ClientClosed("Cannot generate, as the pipeline has been closed.")
         if self._worker is None:
-            self._worker = StageWorker(name="splitlearn-client", max_gather_wait_s=_GATHER_WAIT_S)
+            self._worker = StageWorker(name="splitlearn-client", max_gather_wait_s=GATHER_WAIT_S)
         if not self._expecting:
-            # running streams send their next bottom/top step within milliseconds of each
-            # other: the worker may wait (max_gather_wait_s) for them to batch together
-            self._worker.expect(lambda: self._streams)
+            # streams whose trunk step is in flight come back to the worker with their next
+            # decode step: the worker may wait (max_gather_wait_s) for them so that every
+            # stream's step runs in one batch, rather than in groups that alternate forever
+            self._worker.expect(lambda: self._stepping)
             self._expecting = True
         if not self._worker.is_running:
             await self._worker.start()
@@ -177,27 +182,42 @@ class SplitPipeline:
                     yield chunk
         finally:
             self._streams -= 1
+            for cache in caches:
+                cache.release()
 
     async def _decode(
         self, worker: StageWorker, session: Any, state: DecodeState, ids: torch.Tensor, mask: torch.Tensor,
         pos: torch.Tensor, caches: tuple[Any, Any], decoder: _TextDecoder | None,
     ) -> AsyncIterator[StreamChunk]:
-        """The decode loop of :meth:`stream`: bottom -> trunk -> top, one chunk per step."""
-        while not state.done:
-            new_mask = mask[:, -ids.shape[1]:]
-            # bottom and top steps of concurrent streams with as many new tokens batch together
-            hidden = await worker.run_batched(
-                ("bottom", id(self.bottom), ids.shape[1]), (ids, mask, pos, caches[0]), self._bottom_batch
-            )  # (B, T, H)
-            hidden = await session.forward(hidden, new_mask, pos)  # (B, T, H)
-            chosen = await worker.run_batched(
-                ("top", id(self.top), hidden.shape[1]), (hidden, mask, pos, caches[1], state), self._top_batch
-            )
-            if isinstance(chosen, Exception):  # this stream failed, the batch did not
-                raise chosen
-            ids, mask, pos = chosen
+        """The decode loop of :meth:`stream`: bottom -> trunk -> top, one chunk per step.
+
+        After the prompt's bottom step, each step is one trunk call and one client worker
+        item that runs the top, picks the next tokens and runs the bottom on them. Every
+        stream of the pipeline is at that same point when it reaches the worker, so the
+        steps of all streams gather into one batch (a top and a bottom item apart would
+        batch as two half-batches that never meet again).
+        """
+        hidden = await worker.run_batched(
+            ("bottom", id(self.bottom), _batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
+        )  # (B, T, H)
+        key = ("step", id(self.top), id(self.bottom))
+        while True:
+            self._stepping += 1
+            try:
+                hidden = await session.forward(hidden, mask[:, -ids.shape[1]:], pos)  # (B, T, H)
+                result = await worker.run_batched(
+                    (*key, _batch_length(hidden.shape[1])), (hidden, mask, pos, caches[1], state, caches[0]),
+                    self._step_batch,
+                )
+            finally:
+                self._stepping -= 1
+            if isinstance(result, Exception):  # this stream failed, the batch did not
+                raise result
+            ids, mask, pos, hidden = result  # the next tokens (B, 1) and their bottom output (B, 1, H)
             tokens = ids[:, 0]
             yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
+            if hidden is None:
+                return
 
     async def generate(
         self,
@@ -305,6 +325,15 @@ class SplitPipeline:
         await self.aclose()
 
 
+def _batch_length(tokens: int) -> int | str:
+    """The part of a batch key that keeps one-token decode steps apart from prompts.
+
+    Prompts of different lengths batch together (left-padded by ``run_stage_batched``);
+    a decode step must not, as it would pay for the longest prompt's length.
+    """
+    return tokens if tokens == 1 else "prompt"
+
+
 def _bottom_steps(bottom: Any, calls: list[tuple[Any, ...]]) -> list[torch.Tensor]:
     """(worker) The bottom steps ``(ids (B_i, T), mask, positions, cache)`` of several streams in one call.
 
@@ -314,22 +343,44 @@ def _bottom_steps(bottom: Any, calls: list[tuple[Any, ...]]) -> list[torch.Tenso
     return run_stage_batched(bottom, calls)
 
 
-def _top_steps(
-    top: Any, calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, DecodeState]]
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Exception]:
-    """(worker) The top steps of several streams in one call, then each stream's next tokens.
+_StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, DecodeState, Any]
+_StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
-    Each call is ``(hidden (B_i, T, H), mask, positions, cache, state)``. Returns per stream
-    what :meth:`DecodeState.advance` returns, or the exception it raised: once the top's
-    caches have advanced, nothing may make the worker run the batch again.
+
+def _top_bottom_steps(top: Any, bottom: Any, calls: list[_StepCall]) -> list[_StepResult | Exception]:
+    """(worker) One decode step of several streams: top, next tokens, bottom, in one worker item.
+
+    Each call is ``(hidden (B_i, T, H), mask, positions, top cache, state, bottom cache)``.
+    Returns per stream ``(ids (B_i, 1), mask, positions, hidden (B_i, 1, H) or None when the
+    stream is done)`` or the exception that stream raised. Raises only if the top call
+    itself failed (then no cache has advanced); once the top's caches have advanced,
+    nothing may make the worker run the batch again, so later failures are per stream.
     """
-    logits = run_stage_batched(top, [call[:4] for call in calls])  # each (B_i, T, V)
-    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Exception] = []
-    for (_, _, _, _, state), rows in zip(calls, logits):
+    logits = run_stage_batched(top, [call[:4] for call in calls], logits_to_keep=1)  # each (B_i, 1, V)
+    results: list[_StepResult | Exception] = []
+    bottom_calls: list[tuple[int, tuple[Any, ...]]] = []
+    for k, ((_, _, _, _, state, bottom_cache), rows) in enumerate(zip(calls, logits)):
         try:
-            results.append(state.advance(rows[:, -1]))
+            ids, mask, pos = state.advance(rows[:, -1])
         except Exception as exc:
             results.append(exc)
+            continue
+        results.append((ids, mask, pos, None))
+        if not state.done:
+            bottom_calls.append((k, (ids, mask, pos, bottom_cache)))
+    if bottom_calls:
+        try:
+            hidden = run_stage_batched(bottom, [call for _, call in bottom_calls])
+        except Exception:  # no bottom cache advanced: find the stream that fails, alone
+            hidden = []
+            for _, call in bottom_calls:
+                try:
+                    hidden.append(run_stage_batched(bottom, [call])[0])
+                except Exception as exc:
+                    hidden.append(exc)
+        for (k, _), h in zip(bottom_calls, hidden):
+            done = results[k]
+            results[k] = h if isinstance(h, Exception) else (*done[:3], h)  # type: ignore[index]
     return results
 
 

@@ -277,5 +277,7 @@ class LocalTrunkSession(TrunkSession):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._cache is not None:
+                self._cache.release()
             self._cache = None
             self._owner._sessions.discard(self)

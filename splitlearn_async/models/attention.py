@@ -160,27 +160,36 @@ class CacheContext(AttentionContext):
 
     def __init__(self, base: str, group: Any, q_len: int, new_slots: torch.Tensor) -> None:
         lengths = group.lengths()  # (B,) columns before this call
-        uniform = bool((lengths == lengths[0]).all())
-        self.fresh = bool(lengths[0] == 0) and uniform
-        kv_len = int(lengths.max()) + q_len
+        pads = group.pads(q_len)  # (B,) left padding of rows with fewer new tokens
+        q_start = lengths - pads  # (B,) cache column of each row's first query (pads: before it)
+        uniform = bool((q_start == q_start[0]).all()) and not bool(pads.any())
+        self.fresh = uniform and bool(lengths[0] == 0)
+        ends = q_start + q_len  # (B,) columns each row holds after this call
+        kv_len = int(ends.max())
         gather = torch.zeros(group.batch_size, kv_len, dtype=torch.long)  # slot 0: the padding slot
         valid = torch.zeros(group.batch_size, kv_len, dtype=torch.bool, device=group.pool.device)
-        for cache, rows in zip(group.caches, group.slices()):
-            end = cache.length + q_len
+        for cache, rows, end in zip(group.caches, group.slices(), ends[[s.start for s in group.slices()]].tolist()):
             gather[rows, :end] = cache.slots[:, :end]
             valid[rows, :end] = cache.valid[:, :end]
-        super().__init__(base, lengths if not uniform else int(lengths[0]), q_len, valid, uniform)
+        super().__init__(base, q_start if not uniform else int(q_start[0]), q_len, valid, uniform)
         device = group.pool.device
         self.pool = group.pool
         self.kv_len = kv_len
-        self.write_slots = new_slots.reshape(-1).to(device)  # (B * T,)
+        flat = new_slots.reshape(-1)  # (B * T,), -1 at left padding
+        real = flat >= 0
+        self.write_rows = None if bool(real.all()) else real.nonzero().squeeze(1).to(device)
+        self.write_slots = flat[real].to(device)
         self.gather_slots = gather.reshape(-1).to(device)  # (B * Lmax,)
 
     def keys_values(self, module, key, value):
         b, h, t, d = key.shape
         k_store, v_store = self.pool.storage(module.layer_idx, key)  # (capacity, Hkv, D)
-        k_store.index_copy_(0, self.write_slots, key.transpose(1, 2).reshape(b * t, h, d))
-        v_store.index_copy_(0, self.write_slots, value.transpose(1, 2).reshape(b * t, h, d))
+        k_new = key.transpose(1, 2).reshape(b * t, h, d)
+        v_new = value.transpose(1, 2).reshape(b * t, h, d)
+        if self.write_rows is not None:  # left padding is not stored
+            k_new, v_new = k_new.index_select(0, self.write_rows), v_new.index_select(0, self.write_rows)
+        k_store.index_copy_(0, self.write_slots, k_new)
+        v_store.index_copy_(0, self.write_slots, v_new)
         if self.fresh:
             return key, value
         keys = k_store.index_select(0, self.gather_slots).view(b, self.kv_len, h, d).transpose(1, 2)

@@ -15,9 +15,9 @@ view, padded with the pool's *padding slot* (slot 0, all zeros, never written or
 out) and masked.
 
 Threads: the stage's worker thread writes and reads slots. :meth:`KVCache.release` (and a
-dropped cache) may come from any thread; its slots return to the pool only at the next
-:meth:`KVPool.allocate`, which runs on the worker thread between stage calls, so a step in
-flight never sees its slots handed to another cache.
+dropped cache) may come from any thread; its slots return to the free list only at the
+next :meth:`KVPool.reclaim`, which a stage calls at the start of each call, on its worker
+thread, so a step in flight never sees its slots handed to another cache.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class KVPool:
 
     Storage per layer is allocated on its first write, with that layer's head count,
     head size and dtype, and grows by doubling (all layers together, since a slot means
-    the same token in every layer). When the last slot is released the storage is freed.
+    the same token in every layer). When the last slot is released, storage grown past
+    ``initial_slots`` is freed.
 
     Args:
         device: Where the tensors live.
@@ -83,7 +84,6 @@ class KVPool:
     def allocate(self, count: int) -> torch.Tensor:
         """Take ``count`` free slots (growing the storage if needed); returns their ids ``(count,)``."""
         with self._lock:
-            self._reclaim()
             if len(self._free) < count:
                 self._grow(count)
             taken = self._free[len(self._free) - count :]
@@ -91,7 +91,7 @@ class KVPool:
         return torch.tensor(taken, dtype=torch.long)
 
     def release(self, slots: torch.Tensor) -> None:
-        """Give slots back; they become free at the next :meth:`allocate` (any thread may call this)."""
+        """Give slots back; they become free at the next :meth:`reclaim` (any thread may call this)."""
         if slots.numel():
             with self._lock:
                 self._released.append(slots)
@@ -105,8 +105,16 @@ class KVPool:
             self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return k, self.values[layer]
 
+    def reclaim(self) -> None:
+        """Return released slots to the free list; free the storage once nothing is held.
+
+        Call it only where no stage call of this pool is running (a stage does, at the start
+        of each call): a step in flight may still write slots that were just released.
+        """
+        with self._lock:
+            self._reclaim()
+
     def _reclaim(self) -> None:
-        """(locked) Return released slots to the free list; free the storage once nothing is held."""
         if self._released:
             for slots in self._released:
                 self._free.extend(slots.tolist())
@@ -260,16 +268,20 @@ class CacheGroup:
     ``offsets[i]:offsets[i + 1]`` belong to ``caches[i]``. Every layer of a stage sees all
     rows at once, attention included: keys and values are gathered from the pool by the
     caches' slot tables, so caches of different lengths need no copies of their own.
-    Every cache advances by the same number of new tokens ``T``.
+    By default every cache advances by the call's number of new tokens ``T``; with
+    ``new_tokens``, cache ``i`` advances by ``new_tokens[i] <= T`` and its rows hold that
+    many real tokens at the end of the call's ``T`` columns, left-padded (prefills of
+    different lengths in one batch).
 
     Args:
         caches: The caches, in batch-row order; each one at most once, all of one pool.
+        new_tokens: New tokens of each cache (None: all ``T``).
 
     Raises:
         ValueError: no caches, a cache appears twice, or the caches belong to different pools.
     """
 
-    def __init__(self, caches: list[KVCache]) -> None:
+    def __init__(self, caches: list[KVCache], new_tokens: list[int] | None = None) -> None:
         if not caches:
             raise ValueError("a CacheGroup needs at least one cache.")
         if len({id(c) for c in caches}) != len(caches):
@@ -278,7 +290,10 @@ class CacheGroup:
             raise ValueError(
                 "the caches of one CacheGroup must share a KVPool; make them with the same stage's new_cache()."
             )
+        if new_tokens is not None and len(new_tokens) != len(caches):
+            raise ValueError(f"new_tokens has {len(new_tokens)} entries for {len(caches)} caches.")
         self.caches = list(caches)
+        self.new_tokens = new_tokens
         self.pool = caches[0].pool
         self.offsets = [0]
         for cache in self.caches:
@@ -293,6 +308,14 @@ class CacheGroup:
         """Columns each row held before this call: ``(batch_size,)``."""
         return torch.cat([torch.full((c.batch_size,), c.length, dtype=torch.long) for c in self.caches])
 
+    def pads(self, width: int) -> torch.Tensor:
+        """Left padding of each row in a call of ``width`` new columns: ``(batch_size,)``."""
+        if self.new_tokens is None:
+            return torch.zeros(self.batch_size, dtype=torch.long)
+        return torch.cat([
+            torch.full((c.batch_size,), width - t, dtype=torch.long) for c, t in zip(self.caches, self.new_tokens)
+        ])
+
     def positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Default position ids ``(batch_size, length)``: each cache's columns so far + arange."""
         return (self.lengths()[:, None] + torch.arange(length)[None]).to(device)
@@ -300,17 +323,23 @@ class CacheGroup:
     def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
         """:meth:`KVCache.begin` of every cache with its rows of ``new_valid`` ``(batch_size, T)``.
 
-        Returns the new columns' slots ``(batch_size, T)``. If one cache refuses, those
-        already begun are aborted and the error is raised.
+        Returns the new columns' slots ``(batch_size, T)``, -1 where a row is left-padded
+        (see ``new_tokens``). If one cache refuses, those already begun are aborted and the
+        error is raised.
         """
         if new_valid.shape[0] != self.batch_size:
             raise ValueError(
                 f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}."
             )
+        width = new_valid.shape[1]
+        counts = self.new_tokens or [width] * len(self.caches)
         slots = []
         try:
-            for cache, rows in zip(self.caches, self.slices()):
-                slots.append(cache.begin(new_valid[rows]))
+            for cache, rows, count in zip(self.caches, self.slices(), counts):
+                new = cache.begin(new_valid[rows, width - count :])
+                if count < width:
+                    new = torch.cat([torch.full((new.shape[0], width - count), -1, dtype=torch.long), new], dim=1)
+                slots.append(new)
         except BaseException:
             self.abort()
             raise

@@ -181,13 +181,18 @@ def stream_local(
     state = DecodeState(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, sampling)
     caches = [s.new_cache(state.batch_size) for s in (bottom, trunk, top)]
     ids, mask, pos = state.prompt_inputs()
-    while not state.done:
-        with torch.no_grad():
-            hidden = bottom(ids.to(bottom.device), mask.to(bottom.device), pos.to(bottom.device), cache=caches[0])
-            hidden = trunk(hidden.to(trunk.device), mask.to(trunk.device), pos.to(trunk.device), cache=caches[1])
-            logits = top(hidden.to(top.device), mask.to(top.device), pos.to(top.device), cache=caches[2])
-        ids, mask, pos = state.advance(logits[:, -1])  # (B, 1) tokens
-        yield ids[:, 0]
+    try:
+        while not state.done:
+            with torch.no_grad():
+                hidden = bottom(ids.to(bottom.device), mask.to(bottom.device), pos.to(bottom.device), cache=caches[0])
+                hidden = trunk(hidden.to(trunk.device), mask.to(trunk.device), pos.to(trunk.device), cache=caches[1])
+                logits = top(hidden.to(top.device), mask.to(top.device), pos.to(top.device), cache=caches[2],
+                             logits_to_keep=1)  # (B, 1, V)
+            ids, mask, pos = state.advance(logits[:, -1])  # (B, 1) tokens
+            yield ids[:, 0]
+    finally:
+        for cache in caches:
+            cache.release()
 
 
 def generate_local(*args: Any, **kwargs: Any) -> torch.Tensor:

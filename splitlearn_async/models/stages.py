@@ -187,6 +187,7 @@ class Stage(nn.Module):
         if cache is None:
             return self._run_layer_stack(hidden, position_ids, PlainContext(self.attn_kernel, hidden.shape[1], new_valid))
         group = CacheGroup([cache]) if isinstance(cache, KVCache) else cache
+        group.pool.reclaim()  # slots released since the last call: no call of this stage is in flight now
         new_slots = group.begin(new_valid)  # (B, T)
         try:  # one or several sessions: every layer makes one attention call over the pool
             ctx = CacheContext(self.attn_kernel, group, hidden.shape[1], new_slots)
@@ -277,7 +278,11 @@ class TrunkStage(Stage):
 
 
 class TopStage(Stage):
-    """Decoder layers ``[b, n)``, final norm and LM head: hidden states in, logits ``(B, T, V)`` out."""
+    """Decoder layers ``[b, n)``, final norm and LM head: hidden states in, logits ``(B, T, V)`` out.
+
+    ``logits_to_keep=k > 0`` returns the logits of the last ``k`` positions only, ``(B, k, V)``,
+    as Hugging Face's ``logits_to_keep`` (generation keeps 1).
+    """
 
     part = "top"
 
@@ -287,13 +292,16 @@ class TopStage(Stage):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | CacheGroup | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         new_valid, position_ids = self._prepare(
             batch, length, attention_mask, position_ids, cache, hidden_states.device
         )
         hidden = self._run_layers(hidden_states, new_valid, position_ids, cache)
-        logits = self.lm_head(self.norm(hidden))  # (B, T, V)
+        if logits_to_keep:  # generation needs the last positions only: the LM head is the costly part
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(self.norm(hidden))  # (B, T or logits_to_keep, V)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
@@ -417,11 +425,13 @@ def run_stage(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     cache: KVCache | CacheGroup | None,
+    **stage_kwargs: Any,
 ) -> torch.Tensor:
     """Run ``stage`` without autograd on its own device and dtype; the output comes back on the CPU.
 
     ``inputs`` are token ids (bottom) or hidden states (trunk, top), usually on the CPU as
     they arrive from another thread or process; float inputs are cast to the stage's dtype.
+    ``stage_kwargs`` go to the stage's forward (``logits_to_keep`` for the top).
     """
     device = stage.device
     x = inputs.to(device, stage.dtype) if inputs.is_floating_point() else inputs.to(device)
@@ -431,6 +441,7 @@ def run_stage(
             None if attention_mask is None else attention_mask.to(device),
             None if position_ids is None else position_ids.to(device),
             cache=cache,
+            **stage_kwargs,
         )
     return out.to("cpu")
 
@@ -438,43 +449,61 @@ def run_stage(
 def run_stage_batched(
     stage: Stage,
     calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]],
+    **stage_kwargs: Any,
 ) -> list[torch.Tensor]:
     """Run several cached calls of ``stage`` as one batch; each gets its own rows back.
 
-    Every call is ``(inputs (B_i, T), mask, positions, cache)`` as for :func:`run_stage`,
-    with its own :class:`KVCache` of ``B_i`` rows; all calls have the same ``T`` but their
-    caches may hold different numbers of columns. Linear layers, norms and MLPs run once
-    over all ``sum(B_i)`` rows; attention runs per cache over its own columns
-    (:class:`CacheGroup`), so no cache is copied or padded.
+    Every call is ``(inputs (B_i, T_i), mask, positions, cache)`` as for :func:`run_stage`,
+    with its own :class:`KVCache` of ``B_i`` rows; the caches may hold different numbers
+    of columns. Every layer runs once over all ``sum(B_i)`` rows, attention included (one
+    call over the stage's KV pool, :class:`CacheGroup`). Calls with fewer new tokens than
+    the longest are left-padded to ``max(T_i)`` for the call; the padding is computed but
+    never stored, and each cache advances by its own ``T_i``. (Prefills of different
+    lengths batch this way; keep decode steps apart from prefills, since a one-token step
+    padded to a long prompt would pay for the prompt's length.)
 
     Args:
         stage: The stage to run.
-        calls: At least one call; the masks may be ``(B_i, T)`` or ``(B_i, past + T)``
-            (only the last ``T`` columns are read), or None for all valid.
+        calls: At least one call; the masks may be ``(B_i, T_i)`` or ``(B_i, past + T_i)``
+            (only the last ``T_i`` columns are read), or None for all valid. Positions are
+            required when the calls differ in ``T_i``.
 
     Returns:
-        One output per call, ``(B_i, T, ...)`` on the CPU, in order.
+        One output per call, ``(B_i, T_i, ...)`` on the CPU, in order.
 
     Raises:
-        ValueError: the calls do not share ``T``, or a cache appears twice.
+        ValueError: a cache appears twice, or positions are missing for ragged calls.
+
+    ``stage_kwargs`` go to the stage's forward; with ``logits_to_keep=k`` (the top), each
+    call gets ``(B_i, k, V)`` back.
     """
     if len(calls) == 1:
         inputs, mask, positions, cache = calls[0]
-        return [run_stage(stage, inputs, mask, positions, cache)]
-    lengths = {int(c[0].shape[1]) for c in calls}
-    if len(lengths) != 1:
-        raise ValueError(f"batched calls must all have the same number of new tokens, got {sorted(lengths)}.")
-    (length,) = lengths
-    group = CacheGroup([c[3] for c in calls])
-    inputs = torch.cat([c[0] for c in calls])  # (B, T) token ids or (B, T, H) hidden states
+        return [run_stage(stage, inputs, mask, positions, cache, **stage_kwargs)]
+    lengths = [int(c[0].shape[1]) for c in calls]
+    width = max(lengths)
+    ragged = min(lengths) != width
+    if ragged and any(c[2] is None for c in calls):
+        raise ValueError("calls with different numbers of new tokens need their position ids.")
+    group = CacheGroup([c[3] for c in calls], new_tokens=lengths if ragged else None)
+
+    def left_pad(t: torch.Tensor, length: int, fill: float = 0) -> torch.Tensor:
+        if length == width:
+            return t
+        pad = t.new_full((t.shape[0], width - length, *t.shape[2:]), fill)
+        return torch.cat([pad, t], dim=1)
+
+    inputs = torch.cat([left_pad(c[0], n) for c, n in zip(calls, lengths)])  # (B, W) ids or (B, W, H) hidden
     masks = torch.cat([
-        torch.ones(c[0].shape[0], length, dtype=torch.bool) if c[1] is None else c[1][:, -length:].to(torch.bool)
-        for c in calls
-    ])  # (B, T) validity of the new tokens
+        left_pad(torch.ones(c[0].shape[0], n, dtype=torch.bool) if c[1] is None else c[1][:, -n:].to(torch.bool), n)
+        for c, n in zip(calls, lengths)
+    ])  # (B, W) validity of the new tokens; False at left padding
     positions = torch.cat([
-        c[2].long() if c[2] is not None
-        else torch.arange(c[3].length, c[3].length + length).expand(c[0].shape[0], length)
-        for c in calls
-    ])  # (B, T)
-    out = run_stage(stage, inputs, masks, positions, group)  # (B, T, ...)
-    return [out[rows] for rows in group.slices()]
+        left_pad(c[2].long().expand(c[0].shape[0], n), n) if c[2] is not None
+        else torch.arange(c[3].length, c[3].length + n).expand(c[0].shape[0], n)
+        for c, n in zip(calls, lengths)
+    ])  # (B, W)
+    out = run_stage(stage, inputs, masks, positions, group, **stage_kwargs)  # (B, W or k, ...)
+    if stage_kwargs.get("logits_to_keep"):
+        return [out[rows] for rows in group.slices()]
+    return [out[rows, width - n :] for rows, n in zip(group.slices(), lengths)]

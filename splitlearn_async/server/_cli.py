@@ -31,6 +31,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     parser.add_argument("--token", default=None, help="require 'authorization: Bearer <token>'")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the worker")
+    parser.add_argument(
+        "--cpus", default=None,
+        help="run the server on these CPU cores only, e.g. 0 or 0,1 (Linux; set before any thread starts)",
+    )
+    parser.add_argument("--device", default=None, help="device of the trunk, e.g. cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--dtype", default=None, help="dtype of the trunk, e.g. float32, bfloat16 (default: the source's)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="most session steps per batched trunk call (default 32)")
     parser.add_argument(
         "--max-batch-delay-s", type=float, default=0.0,
@@ -65,6 +71,23 @@ def _split_points(text: str | None) -> tuple[int, int] | None:
     return a, b
 
 
+def _cpu_set(text: str | None) -> set[int] | None:
+    if text is None:
+        return None
+    try:
+        cpus = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        cpus = set()
+    if not cpus or min(cpus) < 0:
+        raise ConfigError(f"--cpus must be core numbers separated by commas such as 0 or 0,1, got {text!r}.")
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else cpus
+    if not cpus <= available:
+        raise ConfigError(
+            f"--cpus {text} names cores this process may not use; it may use {sorted(available)}."
+        )
+    return cpus
+
+
 def _write_port_file(path: str, port: int) -> None:
     """Write ``port`` to ``path`` atomically, so a reader never sees a half-written file."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -89,6 +112,14 @@ def serve_main(args: argparse.Namespace) -> int:
 
     source = args.bundle or args.model or "default"
     split = _split_points(args.split)
+    cpus = _cpu_set(getattr(args, "cpus", None))
+    if cpus is not None:  # before torch starts its thread pools, so every thread inherits it
+        os.sched_setaffinity(0, cpus)
+    import torch
+
+    # torch work belongs to the worker thread alone: an OpenMP team started here while loading
+    # would throttle the worker's (see splitlearn_async.worker)
+    torch.set_num_threads(1)
     if args.bundle is None and split is None:
         raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
     config = ServerConfig(
@@ -98,7 +129,9 @@ def serve_main(args: argparse.Namespace) -> int:
         max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
     )
-    trunk = load_stages(source, split, parts=("trunk",)).trunk
+    trunk = load_stages(
+        source, split, parts=("trunk",), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None)
+    ).trunk
 
     async def run() -> None:
         stop = asyncio.Event()

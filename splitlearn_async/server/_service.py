@@ -332,8 +332,9 @@ class AsyncGRPCComputeServer:
         """Run one open/step message through the trunk, batched with other sessions' steps.
 
         The message goes to the worker as :class:`_StepWork` under the batch key
-        ``("step", adapter_id, T)``: steps of other sessions with the same adapter and the
-        same number of new tokens that are waiting run in the same trunk call. A message
+        ``("step", adapter_id, 1 or "prompt")``: waiting steps of other sessions with the
+        same adapter run in the same trunk call, decode steps with decode steps and prompt
+        chunks of any length with prompt chunks (left-padded to the longest). A message
         longer than ``prefill_chunk_tokens`` is cut into chunks, each queued after the
         previous one finished, so other sessions' decode steps run between them.
         """
@@ -353,7 +354,8 @@ class AsyncGRPCComputeServer:
                     hidden[:, a:b], new_mask[:, a:b], inputs.position_ids[:, a:b], session, session.cache,
                     reply_dtype, earlier, last=b == length,
                 )
-                body = await self._run_step(context, ("step", adapter, b - a), work)
+                # decode steps batch with decode steps; prompt chunks of any length with each other
+                body = await self._run_step(context, ("step", adapter, 1 if b - a == 1 else "prompt"), work)
                 if b != length:
                     earlier.append(body)  # (B, chunk, H), model dtype
         finally:

@@ -171,6 +171,9 @@ class SessionStore:
         session._closed = True
         self._sessions.pop(session._key, None)
         self._tokens -= session.tokens
+        release = getattr(session.cache, "release", None)
+        if release is not None:  # its KV slots go back to the trunk's pool (safe with a step in flight)
+            release()
         session.cache = None
         session.cache_bytes = 0
 

@@ -94,3 +94,24 @@ async def test_sampling_streams_keep_their_own_generators_when_batched():
     assert stats.largest_batch == 3
     for a, t in zip(alone, together):
         assert torch.equal(a, t)
+
+
+async def test_streams_started_together_decode_as_one_batch_every_step():
+    """Prompts of different lengths prefill as one batch, and every decode step of all
+    streams runs as one worker item (top, next tokens, bottom), never as alternating groups."""
+    from splitlearn_async.client._pipeline import GATHER_WAIT_S
+
+    model = tiny_model("llama", seed=1)
+    prompts = [left_padded_batch([n], seed=n) for n in (3, 5, 8, 11)]
+    new = 6
+    expected = [model.generate(input_ids=i, attention_mask=m, max_new_tokens=new, do_sample=False, pad_token_id=0)
+                for i, m in prompts]
+    bottom, trunk, top = split_model(model, (2, 4))
+    worker = StageWorker("client-test", max_gather_wait_s=GATHER_WAIT_S)
+    async with worker, LocalTrunk(trunk) as local, SplitPipeline(bottom, local, top, worker=worker) as pipeline:
+        got = await asyncio.gather(*(pipeline.generate(i, m, max_new_tokens=new, pad_token_id=0) for i, m in prompts))
+        stats = worker.stats
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    # one prefill batch of 4 prompts, then `new` steps of 4 streams (the last one without a bottom)
+    assert stats.batch_size_counts == {4: new + 1}

@@ -58,11 +58,55 @@ async def test_batched_steps_equal_single_steps(family, part):
     assert [c.length for c in alone] == [c.length for c in grouped]
 
 
-def test_batched_calls_must_share_the_number_of_new_tokens():
+@pytest.mark.parametrize("part", ["bottom", "trunk", "top"])
+def test_calls_of_different_lengths_batch_and_equal_each_alone(family, part):
+    """Prefills (and chunks) of different lengths, some on caches that already hold columns."""
+    model = tiny_model(family)
+    stage = split_model(model, (2, 4))[("bottom", "trunk", "top").index(part)]
+    g = torch.Generator().manual_seed(7)
+
+    def inputs(rows, n):
+        if part == "bottom":
+            return torch.randint(3, 90, (rows, n), generator=g)
+        return torch.randn(rows, n, stage.hidden_size, generator=g)
+
+    # (rows, columns already held, new tokens); one call's prompt is itself left-padded
+    shapes = [(1, 0, 9), (2, 0, 3), (1, 4, 6), (1, 0, 1), (1, 2, 7)]
+    alone, grouped, calls = [], [], []
+    for rows, past, n in shapes:
+        a, b = stage.new_cache(rows), stage.new_cache(rows)
+        if past:
+            x = inputs(rows, past)
+            run_stage(stage, x, None, torch.arange(past).expand(rows, past), a)
+            run_stage(stage, x, None, torch.arange(past).expand(rows, past), b)
+        mask = torch.ones(rows, past + n, dtype=torch.long)
+        if rows == 2:
+            mask[1, :1] = 0  # the second row of this prompt is left-padded by one token
+        pos = prompt_positions(mask)[:, -n:]
+        alone.append(a)
+        grouped.append(b)
+        calls.append((inputs(rows, n), mask, pos))
+    singles = [run_stage(stage, *call, a) for call, a in zip(calls, alone)]
+    batched = run_stage_batched(stage, [(*call, b) for call, b in zip(calls, grouped)])
+    worst = 0.0
+    for (rows, _, n), s_out, b_out, call in zip(shapes, singles, batched, calls):
+        assert b_out.shape == s_out.shape == (rows, n, *s_out.shape[2:])
+        valid = call[1][:, -n:].bool()
+        worst = max(worst, float((s_out - b_out)[valid].abs().max()))
+    assert worst <= ATOL
+    assert [c.length for c in alone] == [c.length for c in grouped] == [p + n for _, p, n in shapes]
+    # and the caches go on as one batch of decode steps
+    steps = [(inputs(rows, 1), None, torch.tensor([[c.length]]).expand(rows, 1)) for (rows, _, _), c in zip(shapes, alone)]
+    singles = [run_stage(stage, *call, a) for call, a in zip(steps, alone)]
+    batched = run_stage_batched(stage, [(*call, b) for call, b in zip(steps, grouped)])
+    assert max(float((s - b).abs().max()) for s, b in zip(singles, batched)) <= ATOL
+
+
+def test_ragged_calls_need_positions():
     trunk = split_model(tiny_model("llama"), (2, 4), parts=("trunk",)).trunk
     a, b = trunk.new_cache(1), trunk.new_cache(1)
     calls = [(torch.randn(1, 2, 64), None, None, a), (torch.randn(1, 1, 64), None, None, b)]
-    with pytest.raises(ValueError, match="same number of new tokens"):
+    with pytest.raises(ValueError, match="position ids"):
         run_stage_batched(trunk, calls)
 
 

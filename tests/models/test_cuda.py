@@ -1,0 +1,64 @@
+"""The stages and the KV pool on a CUDA device (skipped where there is none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitlearn_async import split_model
+from splitlearn_async.models.positions import prompt_positions
+from splitlearn_async.models.stages import run_stage, run_stage_batched
+from tiny_models import left_padded_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@torch.no_grad()
+def test_split_on_cuda_matches_unsplit_on_cpu(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch([7, 3, 9])
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    bottom, trunk, top = split_model(model.to("cuda"), (2, 4))
+    h = run_stage(bottom, ids, mask, None, None)
+    h = run_stage(trunk, h, mask, None, None)
+    out = run_stage(top, h, mask, None, None)
+    assert (ref - out)[mask.bool()].abs().max().item() <= 1e-4  # TF32-free fp32 kernels differ in order only
+
+
+@torch.no_grad()
+def test_ragged_batch_on_cuda_equals_each_session_alone(family):
+    model = tiny_model(family).to("cuda")
+    trunk = split_model(model, (1, 5), parts=("trunk",)).trunk
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 2, 11, 1]
+    grouped = [trunk.new_cache(1) for _ in lengths]
+    alone = [trunk.new_cache(1) for _ in lengths]
+    for n, a, b in zip(lengths, grouped, alone):
+        x = torch.randn(1, n, trunk.hidden_size, generator=g)
+        mask, pos = torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
+        run_stage(trunk, x, mask, pos, a)
+        run_stage(trunk, x, mask, pos, b)
+    worst = 0.0
+    for _ in range(8):  # past the sliding windows (5)
+        xs = [torch.randn(1, 1, trunk.hidden_size, generator=g) for _ in lengths]
+        batched = run_stage_batched(trunk, [(x, None, torch.tensor([[c.length]]), c) for x, c in zip(xs, grouped)])
+        for x, c, out in zip(xs, alone, batched):
+            worst = max(worst, float((run_stage(trunk, x, None, torch.tensor([[c.length]]), c) - out).abs().max()))
+    assert worst <= 1e-4
+    assert trunk.kv_pool.device.type == "cuda"
+
+
+@torch.no_grad()
+def test_bf16_stages_on_cuda_stay_close_to_fp32():
+    ids, mask = left_padded_batch([5, 8])
+    ref = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    bottom, trunk, top = split_model(tiny_model("llama").to("cuda", torch.bfloat16), (2, 4))
+    cache = [s.new_cache(2) for s in (bottom, trunk, top)]
+    pos = prompt_positions(mask)
+    h = run_stage(bottom, ids, mask, pos, cache[0])
+    h = run_stage(trunk, h, mask, pos, cache[1])
+    out = run_stage(top, h, mask, pos, cache[2]).float()
+    valid = mask.bool()
+    scale = ref[valid].abs().max()
+    assert out.dtype == torch.float32 and h.dtype == torch.bfloat16
+    assert ((ref - out)[valid].abs().max() / scale).item() <= 5e-2  # bf16 keeps about 3 significant digits
