@@ -59,6 +59,7 @@ class KVPool:
         self._capacity = 0
         self._free: list[int] = []
         self._released: list[torch.Tensor] = []  # slot lists waiting to return to _free
+        self._bytes_per_slot = 0  # kept up to date by storage(): read for every cache on every step
 
     @property
     def capacity(self) -> int:
@@ -74,8 +75,7 @@ class KVPool:
     @property
     def bytes_per_slot(self) -> int:
         """Bytes one token takes over all layers' keys and values (0 before the first write)."""
-        tensors = [*self.keys.values(), *self.values.values()]
-        return sum(t[0].numel() * t.element_size() for t in tensors)
+        return self._bytes_per_slot
 
     def nbytes(self) -> int:
         """Bytes of the storage, spare capacity included."""
@@ -103,6 +103,9 @@ class KVPool:
             shape = (self._capacity, like.shape[1], like.shape[3])
             k = self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self._bytes_per_slot = sum(
+                t[0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values())
+            )
         return k, self.values[layer]
 
     def reclaim(self) -> None:
@@ -122,6 +125,7 @@ class KVPool:
             if len(self._free) == self._capacity - 1 and self._capacity > self.initial_slots:
                 self.keys.clear()
                 self.values.clear()
+                self._bytes_per_slot = 0
                 self._capacity = 0
                 self._free.clear()
 
