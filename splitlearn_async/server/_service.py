@@ -303,7 +303,9 @@ class AsyncGRPCComputeServer:
             await _abort(context, _Code.RESOURCE_EXHAUSTED, str(exc))
         session.busy = True
         try:
-            session.cache = await self.worker.run(self.trunk.new_cache, rows)
+            # a cache is a slot table, no tensor work: made here rather than queued behind
+            # whatever the worker runs (a burst of prompts would otherwise open one by one)
+            session.cache = self.trunk.new_cache(rows)
             await self.training.open_session_adapter(session, inputs.adapter_id, context)
         except BaseException:
             self.store.close(session)
