@@ -55,7 +55,9 @@ class KVPool:
         self.initial_slots = initial_slots
         self.keys: dict[int, torch.Tensor] = {}  # layer -> (capacity, Hkv, D)
         self.values: dict[int, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        # reentrant: a cache's finalizer (which releases) may run inside allocate() when the
+        # garbage collector collects a cycle holding a cache on this very thread
+        self._lock = threading.RLock()
         self._capacity = 0
         self._free: list[int] = []
         self._released: list[torch.Tensor] = []  # slot lists waiting to return to _free
@@ -119,9 +121,9 @@ class KVPool:
 
     def _reclaim(self) -> None:
         if self._released:
-            for slots in self._released:
+            released, self._released = self._released, []  # a finalizer may append meanwhile
+            for slots in released:
                 self._free.extend(slots.tolist())
-            self._released.clear()
             if len(self._free) == self._capacity - 1 and self._capacity > self.initial_slots:
                 self.keys.clear()
                 self.values.clear()

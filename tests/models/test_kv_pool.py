@@ -180,3 +180,30 @@ def test_caches_of_different_pools_cannot_share_a_batch():
 def test_pool_arguments_are_checked():
     with pytest.raises(ValueError, match="initial_slots"):
         KVPool(initial_slots=1)
+
+
+@torch.no_grad()
+def test_a_cache_collected_in_a_cycle_gives_its_slots_back_even_inside_the_pools_lock():
+    """The garbage collector may finalize a cache while the pool's lock is held on the same
+    thread (a collection triggered inside allocate()); that must neither deadlock nor lose slots."""
+    import threading
+
+    trunk = _trunk()
+    pool = trunk.kv_pool
+    holder = {"cache": trunk.new_cache(1)}
+    holder["self"] = holder  # a reference cycle: only the collector frees it
+    _prefill(trunk, holder["cache"], 3, torch.Generator().manual_seed(6))
+    del holder
+    done = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        with pool._lock:
+            gc.collect()
+        done.set()
+
+    thread = threading.Thread(target=collect_under_the_lock, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert done.is_set(), "the finalizer deadlocked on the pool's lock"
+    pool.reclaim()
+    assert pool.slots_used == 0
