@@ -50,6 +50,7 @@ from typing import Any, Iterator, TypeVar, cast
 
 import psutil
 import torch
+from references import hf_decode_times  # benchmarks/ is on the path: this file runs as a script from there
 from tqdm import tqdm
 
 PROMPTS = [
@@ -305,34 +306,10 @@ def hf_trunk_layers(model: Any, layer_range: tuple[int, int], n: int, prompt: in
     """The reference: the model's own decoder layers ``[a, b)`` as Hugging Face runs them, batch N.
 
     A ``DynamicCache``, the model's rotary embedding, sdpa with no mask (every row has the
-    same length): a prefill of ``prompt`` tokens, then timed decode steps.
+    same length): a prefill of ``prompt`` tokens, then timed decode steps (``references.py``).
     """
-    from transformers import DynamicCache
-
-    from splitlearn_async.models.hf_compat import cache_kwargs
-
-    g = torch.Generator().manual_seed(0)
-    layers = list(model.model.layers)[layer_range[0]:layer_range[1]]
-    rotary = model.model.rotary_emb
-    hidden_size = model.config.hidden_size
-    cache = DynamicCache(config=model.config)
-    kw = cache_kwargs(layers[0], cache)
-
-    def run(h: torch.Tensor, start: int) -> torch.Tensor:
-        pos = torch.arange(start, start + h.shape[1]).expand(n, h.shape[1])
-        pe = rotary(h, pos)
-        for layer in layers:
-            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True, **kw)
-        return h
-
-    with torch.no_grad():
-        run(torch.randn(n, prompt, hidden_size, generator=g), 0)
-        xs = [torch.randn(n, 1, hidden_size, generator=g) for _ in range(steps)]
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        for k, x in enumerate(xs):
-            run(x, prompt + k)
-        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"steps_s": round(n * steps / seconds, 2), "seconds": round(seconds, 3),
+    times, cpu = hf_decode_times(model, layer_range, n, prompt, steps)
+    return {"steps_s": round(n * steps / sum(times), 2), "seconds": round(sum(times), 3),
             "cpu_ms_per_step": round(1000 * cpu / (n * steps), 3)}
 
 

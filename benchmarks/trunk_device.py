@@ -11,7 +11,7 @@ split (3, 27). For each batch size N, decode steps/s after a prefill of ``--prom
   ``DynamicCache`` at batch N (every row the same length, no mask): the reference;
 - ``stage``: our trunk stage in-process at batch N: N sessions of one row each, batched
   as the server batches them (one attention call per layer over the KV pool), with
-  ragged prompt lengths (``prompt - i % 8``) so the padded/masked path is exercised;
+  ragged prompt lengths (``prompt - 2 * (i % 16)``) so the padded/masked path is exercised;
 - ``server`` (with ``--server``): a ``splitlearn serve --device ...`` process, driven
   over loopback by N client sessions of one row each.
 
@@ -47,61 +47,6 @@ def smollm2_shaped_model(dtype: torch.dtype, device: str) -> Any:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def hf_steps(model: Any, n: int, prompt: int, steps: int, device: str) -> float:
-    """Decode steps/s (N x steps / s) of HF's decoder layers [a, b) with a DynamicCache at batch N."""
-    from transformers import DynamicCache
-
-    from splitlearn_async.models.hf_compat import cache_kwargs
-
-    layers = list(model.model.layers)[SPLIT[0]:SPLIT[1]]
-    cache = DynamicCache(config=model.config)
-    kw = cache_kwargs(layers[0], cache)
-    dtype = next(model.parameters()).dtype
-
-    def run(h: torch.Tensor, start: int) -> None:
-        pos = torch.arange(start, start + h.shape[1], device=device).expand(n, h.shape[1])
-        pe = model.model.rotary_emb(h, pos)
-        for layer in layers:
-            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True, **kw)
-
-    run(torch.randn(n, prompt, 576, device=device, dtype=dtype), 0)
-    xs = [torch.randn(n, 1, 576, device=device, dtype=dtype) for _ in range(steps)]
-    sync(device)
-    t0 = time.perf_counter()
-    for k, x in enumerate(xs):
-        run(x, prompt + k)
-    sync(device)
-    return n * steps / (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def stage_steps(trunk: Any, n: int, prompt: int, steps: int, device: str) -> float:
-    """Decode steps/s of our trunk stage for N one-row sessions of ragged lengths, batched."""
-    from splitlearn_async.models.stages import run_stage, run_stage_batched
-
-    dtype = trunk.dtype
-    caches = [trunk.new_cache(1) for _ in range(n)]
-    for i, cache in enumerate(caches):
-        length = max(1, prompt - i % 8)
-        run_stage(trunk, torch.randn(1, length, 576, dtype=dtype), None, torch.arange(length)[None], cache)
-    xs = [torch.randn(n, 1, 576, dtype=dtype) for _ in range(steps)]
-    sync(device)
-    t0 = time.perf_counter()
-    for x in xs:
-        run_stage_batched(trunk, [(x[i : i + 1], None, torch.tensor([[c.length]]), c) for i, c in enumerate(caches)])
-    sync(device)
-    seconds = time.perf_counter() - t0
-    for cache in caches:
-        cache.release()
-    return n * steps / seconds
 
 
 async def server_steps(address: str, n: int, prompt: int, steps: int) -> float:
@@ -140,16 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     ns = [int(x) for x in args.concurrency.split(",")]
 
+    from references import hf_decode_times, stage_decode_times  # benchmarks/ is on the path (run as a script)
+
     from splitlearn_async import save_stages, split_model
 
     model = smollm2_shaped_model(dtype, args.device)
     trunk = split_model(model, SPLIT, parts=("trunk",)).trunk
-    hf_steps(model, 2, 4, 2, args.device)  # warm-up (kernels, allocator)
-    stage_steps(trunk, 2, 4, 2, args.device)
+    hf_decode_times(model, SPLIT, 2, 4, 2)  # warm-up (kernels, allocator)
+    stage_decode_times(trunk, 2, 4, 2)
     rows = []
     for n in ns:
-        hf = hf_steps(model, n, args.prompt, args.steps, args.device)
-        ours = stage_steps(trunk, n, args.prompt, args.steps, args.device)
+        hf = n * args.steps / sum(hf_decode_times(model, SPLIT, n, args.prompt, args.steps)[0])
+        ours = n * args.steps / sum(stage_decode_times(trunk, n, args.prompt, args.steps)[0])
         rows.append({"n": n, "hf_steps_s": round(hf, 1), "stage_steps_s": round(ours, 1), "stage_vs_hf": round(ours / hf, 3)})
     if args.server:
         from splitlearn_async.server._process import ServerProcess
