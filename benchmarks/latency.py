@@ -349,7 +349,7 @@ async def client_runs(args: argparse.Namespace, address: str, pid: int, batching
 
 def run_server_phase(args: argparse.Namespace, bundle: Path, batching: bool, tokenizer: Any, stages: Any, bar: Any,
                      concurrency: list[int]) -> dict[str, Any]:
-    from splitlearn_async.server._process import ServerProcess
+    from splitlearn_async.server import ServerProcess
 
     placement: Placement = args.placement
     extra = ["--max-batch-size", str(max(concurrency))] + placement.server_args() + ([] if batching else ["--no-batching"])

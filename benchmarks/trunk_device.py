@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = n * args.steps / sum(stage_decode_times(trunk, n, args.prompt, args.steps)[0])
         rows.append({"n": n, "hf_steps_s": round(hf, 1), "stage_steps_s": round(ours, 1), "stage_vs_hf": round(ours / hf, 3)})
     if args.server:
-        from splitlearn_async.server._process import ServerProcess
+        from splitlearn_async.server import ServerProcess
 
         with tempfile.TemporaryDirectory() as tmp:
             cpu_trunk = split_model(model.to("cpu", torch.float32), SPLIT, parts=("trunk",))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     # server
     "AsyncGRPCComputeServer": "splitlearn_async.server",
     "ServerConfig": "splitlearn_async.server",
-    "ServerProcess": "splitlearn_async.server._process",
+    "ServerProcess": "splitlearn_async.server",
     # client
     "SplitPipeline": "splitlearn_async.client",
     "StreamChunk": "splitlearn_async.client",
@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
     "TrunkSession": "splitlearn_async.client",
     "SamplingConfig": "splitlearn_async.models.decoding",
     # training
-    "SplitTrainer": "splitlearn_async.training",
+    "SplitTrainer": "splitlearn_async.client",
     "TrainingConfig": "splitlearn_async.training",
     "OptimizerConfig": "splitlearn_async.training",
     "LoraConfig": "splitlearn_async.training",
@@ -67,6 +67,10 @@ _EXPORTS: dict[str, str] = {
     "TrunkBusy": "splitlearn_async.errors",
     "TrunkRejected": "splitlearn_async.errors",
     "SessionNotFound": "splitlearn_async.errors",
+    "StepNotFound": "splitlearn_async.errors",
+    "AdapterNotFound": "splitlearn_async.errors",
+    "PreconditionFailed": "splitlearn_async.errors",
+    "AlreadyExists": "splitlearn_async.errors",
     "Unauthenticated": "splitlearn_async.errors",
     "ClientClosed": "splitlearn_async.errors",
 }
@@ -82,12 +86,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.families import supported_model_types  # noqa: F401
     from .models.loading import load_stages  # noqa: F401
     from .models.positions import prompt_positions  # noqa: F401
-    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, StreamChunk, TrunkSession  # noqa: F401
+    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, SplitTrainer, StreamChunk, TrunkSession  # noqa: F401
     from .models.decoding import SamplingConfig  # noqa: F401
-    from .training import LoraConfig, OptimizerConfig, SplitTrainer, TrainingConfig, merge_adapter  # noqa: F401
+    from .training import LoraConfig, OptimizerConfig, TrainingConfig, merge_adapter  # noqa: F401
     from .worker import StageWorker  # noqa: F401
     from .server import AsyncGRPCComputeServer, ServerConfig  # noqa: F401
-    from .server._process import ServerProcess  # noqa: F401
+    from .server import ServerProcess  # noqa: F401
     from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 
 

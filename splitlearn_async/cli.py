@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a trunk over gRPC (grpc.aio, one torch worker thread)",
         description="Load the trunk of a bundle or model and serve it until SIGINT/SIGTERM.",
     )
-    from .server._cli import add_serve_arguments
+    from .server import add_serve_arguments
 
     add_serve_arguments(serve)
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return _cmd_generate(args)
         if args.command == "serve":
-            from .server._cli import serve_main
+            from .server import serve_main
 
             return serve_main(args)
     except SplitLearnError as exc:
@@ -160,7 +160,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .models.default import default_bundle
-    from .server._process import ServerProcess
+    from .server import ServerProcess
 
     bundle = default_bundle(args.split, progress=True)
     server = ServerProcess(bundle, extra_args=["--torch-threads", "1"])
@@ -182,7 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .client._config import ClientConfig
+    from .client import ClientConfig
 
     config = ClientConfig(auth_token=args.token, tls_root_cert_file=args.tls_root_cert, wire_dtype=args.wire_dtype)
     prompt: Any = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]

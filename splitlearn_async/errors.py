@@ -20,12 +20,17 @@ also a caller's mistake derive from :class:`ValueError` as well, so generic hand
         ├── TrunkTimeout                    a call ran past its deadline
         ├── TrunkBusy                       the server is full (RESOURCE_EXHAUSTED)
         ├── TrunkRejected (ValueError)      the server refused the input (INVALID_ARGUMENT)
-        ├── SessionNotFound                 unknown, expired or closed session or step
+        │   ├── PreconditionFailed          the call cannot run in the trunk's current state
+        │   └── AlreadyExists               the name (of an adapter) is taken
+        ├── SessionNotFound (KeyError)      unknown, expired or closed session
+        │   ├── StepNotFound                unknown, used or expired training step
+        │   └── AdapterNotFound             no adapter of that name is loaded
         ├── Unauthenticated                 missing or wrong bearer token
         └── ClientClosed                    the client was used after ``aclose()``
 
-``grpc.aio.AioRpcError`` is translated into this tree in exactly one place
-(:func:`splitlearn_async.client._errors.translate_rpc_error`).
+Errors and gRPC status codes correspond through one table,
+:data:`splitlearn_async.protocol.status.STATUS_TABLE`: the server answers an error of this
+tree with its row's code, and the client turns a code back into its row's class.
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ __all__ = [
     "TrunkTimeout",
     "TrunkBusy",
     "TrunkRejected",
+    "PreconditionFailed",
+    "AlreadyExists",
     "SessionNotFound",
+    "StepNotFound",
+    "AdapterNotFound",
     "Unauthenticated",
     "ClientClosed",
 ]
@@ -106,7 +115,13 @@ class WorkerDied(SplitLearnError, RuntimeError):
 
 
 class TrunkError(SplitLearnError):
-    """A call to the trunk failed."""
+    """A call to the trunk failed.
+
+    Attributes:
+        code: For a failed gRPC call, its ``grpc.StatusCode``; None otherwise.
+    """
+
+    code: object = None
 
 
 class TrunkUnavailable(TrunkError):
@@ -125,11 +140,27 @@ class TrunkRejected(TrunkError, ValueError):
     """The trunk server refused the input as invalid; retrying the same input cannot help."""
 
 
+class PreconditionFailed(TrunkRejected):
+    """The call cannot run in the trunk's current state (FAILED_PRECONDITION); the message says what must happen first."""
+
+
+class AlreadyExists(TrunkRejected):
+    """The name is taken, e.g. by a loaded adapter (ALREADY_EXISTS)."""
+
+
 class SessionNotFound(TrunkError, KeyError):
-    """The session or training step is unknown to the server: never opened, expired or closed."""
+    """The session is unknown to the trunk: never opened, expired or closed."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class StepNotFound(SessionNotFound):
+    """The training step is unknown: never returned by a forward, already used, or expired."""
+
+
+class AdapterNotFound(SessionNotFound):
+    """No adapter of that name is loaded on the trunk."""
 
 
 class Unauthenticated(TrunkError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import FAMILY_NAMES
+from tests.support.tiny_models import FAMILY_NAMES
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from splitlearn_async import ServerProcess, default_bundle, load_stages
+from splitlearn_async.cli import main
 from splitlearn_async.models.decoding import generate_local
 from splitlearn_async.models.default import load_tokenizer
-from splitlearn_async.cli import main
-from tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 
 def test_help_lists_commands(capsys):

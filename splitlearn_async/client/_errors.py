@@ -1,48 +1,18 @@
-"""The one place where ``grpc.aio.AioRpcError`` becomes an error of our tree.
+"""Where a failed gRPC call becomes an error of our tree, on the client's side.
 
-Every gRPC failure seen by the client passes through :func:`translate_rpc_error`, which
-picks the :class:`~splitlearn_async.errors.TrunkError` subclass by status code and keeps
-the server's sentence; call sites write ``raise translate_rpc_error(exc, what) from exc``.
+The class comes from the one status table (:mod:`splitlearn_async.protocol.status`), the
+message keeps the server's sentence; call sites write
+``raise translate_rpc_error(exc, what) from exc``.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from ..errors import (
-    SessionNotFound,
-    TrunkBusy,
-    TrunkError,
-    TrunkRejected,
-    TrunkTimeout,
-    TrunkUnavailable,
-    Unauthenticated,
-)
+from ..errors import TrunkError
+from ..protocol.status import error_for, is_retryable
 
-__all__ = ["translate_rpc_error", "is_retryable", "status_error"]
-
-_Code = grpc.StatusCode
-
-_BY_CODE: dict[grpc.StatusCode, type[TrunkError]] = {
-    _Code.UNAVAILABLE: TrunkUnavailable,
-    _Code.DEADLINE_EXCEEDED: TrunkTimeout,
-    _Code.RESOURCE_EXHAUSTED: TrunkBusy,
-    _Code.INVALID_ARGUMENT: TrunkRejected,
-    _Code.FAILED_PRECONDITION: TrunkRejected,
-    _Code.OUT_OF_RANGE: TrunkRejected,
-    _Code.NOT_FOUND: SessionNotFound,
-    _Code.UNAUTHENTICATED: Unauthenticated,
-    _Code.PERMISSION_DENIED: Unauthenticated,
-}
-
-
-def is_retryable(code: grpc.StatusCode | None) -> bool:
-    """True only for ``UNAVAILABLE``: the server is down, restarting or shutting down.
-
-    Every other status (``INVALID_ARGUMENT``, ``NOT_FOUND``, ``RESOURCE_EXHAUSTED``...)
-    would fail the same way again, so it is never retried.
-    """
-    return code is _Code.UNAVAILABLE
+__all__ = ["is_retryable", "status_error", "translate_rpc_error"]
 
 
 def status_error(code: grpc.StatusCode | None, details: str | None, what: str) -> TrunkError:
@@ -54,13 +24,12 @@ def status_error(code: grpc.StatusCode | None, details: str | None, what: str) -
         what: What the client was doing, e.g. ``"decode step 7 of session ab12"``.
 
     Returns:
-        A :class:`TrunkError` subclass instance (not raised).
+        A :class:`TrunkError` subclass instance (not raised), with the code as ``.code``.
     """
-    code = code or _Code.UNKNOWN
-    cls = _BY_CODE.get(code, TrunkError)
+    code = code or grpc.StatusCode.UNKNOWN
     text = (details or "").strip() or "no details"
-    error = cls(f"{what} failed with {code.name}: {text}")
-    error.code = code  # type: ignore[attr-defined]
+    error = error_for(code)(f"{what} failed with {code.name}: {text}")
+    error.code = code
     return error
 
 

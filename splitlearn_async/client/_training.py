@@ -1,8 +1,8 @@
 """The trunk's training interface seen by the client, and its in-process implementation.
 
 A *training session* is opened on a trunk (``LocalTrunk.open_training`` or
-``open_remote_training(remote_trunk, ...)``) and chooses what trains on the trunk's side:
-LoRA adapters, the whole trunk, or nothing. Each step is two calls::
+``RemoteTrunk.open_training``) and chooses what trains on the trunk's side: LoRA
+adapters, the whole trunk, or nothing. Each step is two calls::
 
     out, step_id = await session.forward(hidden, mask, positions)   # (B, T, H), graph kept
     grad_in = await session.backward(step_id, grad_out, apply=True)  # (B, T, H)
@@ -10,88 +10,20 @@ LoRA adapters, the whole trunk, or nothing. Each step is two calls::
 ``backward`` runs autograd through the graph the forward kept (no recomputation),
 accumulates the trunk's parameter gradients, steps the trunk's optimizer when ``apply``
 is true, and returns the gradient w.r.t. the trunk input for the client's bottom stage.
+The rules (caps, what must happen first) are the trunk's
+:class:`~splitlearn_async.training.TrainingHost`'s, the same in-process as on a server.
 """
 
 from __future__ import annotations
 
-import logging
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-from ..errors import ClientClosed, ConfigError, SessionNotFound, TrunkBusy, TrunkRejected
-from ..training._config import LoraConfig, OptimizerConfig, check_adapter_id
-from ..training._engine import (
-    PendingFull,
-    PendingSteps,
-    StepNotFound,
-    TrunkTrainer,
-    create_adapter,
-    from_safetensors,
-    serialize_state,
-)
-from ..worker import StageWorker
+from ..errors import ClientClosed
+from ..training import TrainingHost, TrunkState
 
-if TYPE_CHECKING:
-    from ._trunk import LocalTrunk
-
-__all__ = ["TrainingSession", "TrunkState", "LocalTrainingSession", "open_local_training"]
-
-logger = logging.getLogger(__name__)
-
-WEIGHTS_FILES = {"lora": "adapter.safetensors", "full": "trunk.safetensors"}
-OPTIMIZER_FILE = "trunk_optimizer.safetensors"
-
-
-@dataclass(frozen=True)
-class TrunkState:
-    """What a training session trained on the trunk's side, as safetensors bytes.
-
-    Attributes:
-        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
-        weights: The adapter (peft layout) or the trunk's weights; empty for ``"frozen"``.
-        optimizer: The trunk optimizer's state, or None if not asked for.
-        adapter_id: The adapter's name (LoRA only).
-    """
-
-    mode: str
-    weights: bytes
-    optimizer: bytes | None = None
-    adapter_id: str | None = None
-
-    def save(self, directory: str | Path) -> list[Path]:
-        """Write ``adapter.safetensors`` (or ``trunk.safetensors``) and ``trunk_optimizer.safetensors``.
-
-        Returns:
-            The files written.
-        """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        if self.mode in WEIGHTS_FILES:
-            path = out / WEIGHTS_FILES[self.mode]
-            path.write_bytes(self.weights)
-            written.append(path)
-        if self.optimizer is not None:
-            path = out / OPTIMIZER_FILE
-            path.write_bytes(self.optimizer)
-            written.append(path)
-        return written
-
-    @classmethod
-    def load(cls, directory: str | Path, mode: str = "lora") -> TrunkState:
-        """Read what :meth:`save` wrote.
-
-        Raises:
-            FileNotFoundError: the weights file is missing.
-        """
-        base = Path(directory)
-        weights = (base / WEIGHTS_FILES[mode]).read_bytes() if mode in WEIGHTS_FILES else b""
-        opt = base / OPTIMIZER_FILE
-        return cls(mode, weights, opt.read_bytes() if opt.is_file() else None)
+__all__ = ["LocalTrainingSession", "TrainingSession", "TrunkState"]
 
 
 class TrainingSession:
@@ -172,19 +104,22 @@ class TrainingSession:
 
 
 class LocalTrainingSession(TrainingSession):
-    """A training session of a :class:`LocalTrunk`, run on the trunk's worker thread."""
+    """A training session of a :class:`~splitlearn_async.client.LocalTrunk`, on the trunk's training host.
 
-    def __init__(
-        self, owner: LocalTrunk, worker: StageWorker, trainer: TrunkTrainer, pending: PendingSteps, adapter_id: str | None
-    ) -> None:
-        self._owner = owner
-        self._worker = worker
-        self._trainer = trainer
-        self._pending = pending
-        self.training_id = uuid.uuid4().hex[:16]
-        self.mode = trainer.mode
-        self.adapter_id = adapter_id
-        self.trainable_parameters = trainer.num_trainable
+    Args:
+        host: The trunk's training host.
+        training_id: The session's id there.
+        on_close: Called once when the session closes (the trunk forgets it).
+    """
+
+    def __init__(self, host: TrainingHost, training_id: str, on_close: Callable[[LocalTrainingSession], None]) -> None:
+        entry = host.entry(training_id)
+        self._host = host
+        self._on_close = on_close
+        self.training_id = training_id
+        self.mode = entry.mode
+        self.adapter_id = entry.adapter_id
+        self.trainable_parameters = entry.trainable_parameters
         self._closed = False
 
     def _check(self, action: str) -> None:
@@ -194,138 +129,36 @@ class LocalTrainingSession(TrainingSession):
     @property
     def pending_steps(self) -> int:
         """Steps of this session waiting for their backward."""
-        return len(self._pending.of_owner(self.training_id))
+        return len(self._host.pending.of_owner(self.training_id))
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         self._check("run a training forward")
-        self._pending.expire()
-        try:
-            self._pending.check_room()
-        except PendingFull as exc:
-            raise TrunkBusy(str(exc)) from None
-        try:
-            out, graph = await self._worker.run(self._trainer.forward, hidden, attention_mask, position_ids)
-        except ValueError as exc:
-            raise TrunkRejected(f"the trunk refused the training forward: {exc}") from exc
-        try:
-            return out, self._pending.add(self.training_id, graph)  # (B, T, H), step id
-        except PendingFull as exc:
-            graph.release()
-            raise TrunkBusy(str(exc)) from None
+        return await self._host.forward(self.training_id, hidden, attention_mask, position_ids)  # (B, T, H), step id
 
     async def evaluate(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         self._check("run an evaluation forward")
-        try:
-            return await self._worker.run(self._trainer.evaluate, hidden, attention_mask, position_ids)  # (B, T, H)
-        except ValueError as exc:
-            raise TrunkRejected(f"the trunk refused the evaluation forward: {exc}") from exc
+        out, _ = await self._host.forward(self.training_id, hidden, attention_mask, position_ids, keep_graph=False)
+        return out  # (B, T, H)
 
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         self._check("run a backward")
-        try:
-            graph = self._pending.get(self.training_id, step_id)
-        except StepNotFound as exc:
-            raise SessionNotFound(str(exc)) from None
-        problem = backward_problem(graph.shape, grad_output, apply, len(self._pending.of_owner(self.training_id)))
-        if problem:
-            raise TrunkRejected(problem)
-        self._pending.pop(self.training_id, step_id)
-        return await self._worker.run(self._trainer.backward, graph, grad_output, apply)  # (B, T, H)
+        return await self._host.backward(self.training_id, step_id, grad_output, apply=apply)  # (B, T, H)
 
     async def optimizer_step(self) -> int:
         self._check("step the optimizer")
-        others = len(self._pending.of_owner(self.training_id))
-        if others:
-            raise TrunkRejected(apply_blocked(others))
-        return await self._worker.run(self._trainer.optimizer_step)
+        return await self._host.optimizer_step(self.training_id)
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:
         self._check("save the training state")
-        return await self._worker.run(trunk_state, self._trainer, optimizer, self.adapter_id)
+        return await self._host.save(self.training_id, optimizer=optimizer)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._pending.drop_owner(self.training_id)
-        self._owner._training.discard(self)
-
-
-def trunk_state(trainer: TrunkTrainer, optimizer: bool, adapter_id: str | None) -> TrunkState:
-    """(worker) Serialise a trainer's weights and optimizer state."""
-    weights, opt = serialize_state(trainer, optimizer)
-    return TrunkState(trainer.mode, weights, opt, adapter_id)
-
-
-def backward_problem(shape: tuple[int, ...], grad: torch.Tensor, apply: bool, pending_of_owner: int) -> str | None:
-    """Why a backward cannot run, as a sentence; None if it can."""
-    if tuple(grad.shape) != tuple(shape):
-        return (
-            f"grad_output has shape {list(grad.shape)} but the trunk output of this step has shape "
-            f"{list(shape)}; send the gradient of the loss w.r.t. that output."
-        )
-    if apply and pending_of_owner > 1:
-        return apply_blocked(pending_of_owner - 1)
-    return None
-
-
-def apply_blocked(others: int) -> str:
-    """The sentence for an optimizer step while graphs of the session are still kept."""
-    return (
-        f"the optimizer cannot step while {others} other step(s) of this training session wait for "
-        "their backward (their graphs hold the current weights); run their backward with apply=False first."
-    )
-
-
-async def open_local_training(
-    owner: LocalTrunk,
-    worker: StageWorker,
-    pending: PendingSteps,
-    mode: str,
-    lora: LoraConfig | None,
-    optimizer: OptimizerConfig | None,
-    adapter_id: str | None,
-    weights: bytes | None,
-    optimizer_state: bytes | None,
-) -> LocalTrainingSession:
-    """Build a :class:`LocalTrainingSession` (see ``LocalTrunk.open_training``)."""
-    from ..training._config import TRUNK_MODES
-
-    if mode not in TRUNK_MODES:
-        raise ConfigError(f"mode must be one of {', '.join(TRUNK_MODES)}, got {mode!r}.")
-    check_adapter_id(adapter_id, "adapter_id", allow_none=True)
-    optimizer = optimizer or OptimizerConfig()
-    registry = owner._adapters
-    adapter = None
-    created = False
-    if mode == "lora":
-        if adapter_id is not None and adapter_id in registry.adapters:
-            adapter = registry.adapters[adapter_id]
-        else:
-            adapter_id = adapter_id or registry.new_id()
-            try:
-                registry.check_room(adapter_id)
-            except PendingFull as exc:
-                raise TrunkBusy(str(exc)) from None
-            adapter = await worker.run(create_adapter, owner.trunk, lora or LoraConfig(), adapter_id, weights)
-            registry.adapters[adapter_id] = adapter
-            created = True
-    elif adapter_id is not None:
-        raise ConfigError(f"adapter_id={adapter_id!r} is only meaningful for mode='lora', not {mode!r}.")
-    try:
-        trainer = await worker.run(TrunkTrainer, owner.trunk, mode, optimizer, adapter)
-        if weights and not created:  # a new adapter was built from them already
-            tensors, _ = await worker.run(from_safetensors, weights)
-            await worker.run(trainer.load_weights, tensors)
-        if optimizer_state:
-            tensors, meta = await worker.run(from_safetensors, optimizer_state)
-            await worker.run(trainer.load_optimizer_state, tensors, meta)
-    except BaseException:
-        if created:
-            registry.adapters.pop(adapter_id, None)  # type: ignore[arg-type]
-        raise
-    return LocalTrainingSession(owner, worker, trainer, pending, adapter_id if mode == "lora" else None)
+        self._host.close(self.training_id)
+        self._on_close(self)

@@ -10,22 +10,23 @@ the first one with the prompt and each next one with a decode step. ``LocalTrunk
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import ClientClosed, SessionNotFound
 from ..models.positions import prompt_positions
 from ..models.stages import run_stage
+from ..training import LoraConfig, OptimizerConfig, TrainingHost, TrainingLimits, bind_adapter
 from ..worker import StageWorker
-
-if TYPE_CHECKING:
-    from ..training._config import LoraConfig, OptimizerConfig
-    from ._training import LocalTrainingSession
+from ._training import LocalTrainingSession
 
 __all__ = ["TrunkSession", "LocalTrunk", "LocalTrunkSession"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class TrunkSession:
@@ -61,6 +62,8 @@ class LocalTrunk:
             on first use and stopped by :meth:`aclose`.
         max_pending_steps: Most training steps kept waiting for their backward.
         pending_step_ttl_s: Seconds a training step's graph is kept without a backward.
+        training: All the caps of training on this trunk; when given, it replaces the two
+            arguments above. By default full-trunk training is allowed in-process.
     """
 
     def __init__(
@@ -70,17 +73,16 @@ class LocalTrunk:
         *,
         max_pending_steps: int = 8,
         pending_step_ttl_s: float = 300.0,
+        training: TrainingLimits | None = None,
     ) -> None:
-        from ..training._engine import AdapterRegistry, PendingSteps
-
         self.trunk = trunk
         self._worker = worker
         self._owns_worker = worker is None
         self._closed = False
         self._sessions: set[LocalTrunkSession] = set()
         self._training: set[LocalTrainingSession] = set()
-        self._adapters = AdapterRegistry()
-        self._pending = PendingSteps(max_pending_steps, pending_step_ttl_s)
+        limits = training or TrainingLimits(max_pending_steps=max_pending_steps, pending_step_ttl_s=pending_step_ttl_s)
+        self.training = TrainingHost(trunk, self._run, limits)
 
     @property
     def sessions_open(self) -> int:
@@ -96,6 +98,11 @@ class LocalTrunk:
             await self._worker.start()
         return self._worker
 
+    async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run ``fn(*args)`` on the trunk's worker thread (started on first use)."""
+        worker = await self._ensure_worker()
+        return await worker.run(fn, *args)
+
     async def open_session(self, adapter_id: str | None = None) -> "LocalTrunkSession":
         """Open a session; its KV cache is created by the first ``forward``.
 
@@ -104,17 +111,10 @@ class LocalTrunk:
                 and :meth:`load_adapter`); ``None`` uses the base weights.
 
         Raises:
-            SessionNotFound: no adapter of that name is loaded.
+            AdapterNotFound: no adapter of that name is loaded.
         """
         worker = await self._ensure_worker()
-        adapter = None
-        if adapter_id is not None:
-            from ..training._engine import StepNotFound
-
-            try:
-                adapter = self._adapters.get(adapter_id)
-            except StepNotFound as exc:
-                raise SessionNotFound(str(exc)) from None
+        adapter = self.training.adapter(adapter_id) if adapter_id is not None else None
         session = LocalTrunkSession(self, worker, adapter)
         self._sessions.add(session)
         return session
@@ -123,12 +123,12 @@ class LocalTrunk:
         self,
         mode: str = "lora",
         *,
-        lora: "LoraConfig | None" = None,
-        optimizer: "OptimizerConfig | None" = None,
+        lora: LoraConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
         adapter_id: str | None = None,
         weights: bytes | None = None,
         optimizer_state: bytes | None = None,
-    ) -> "LocalTrainingSession":
+    ) -> LocalTrainingSession:
         """Open a training session on this trunk (see ``splitlearn_async.client._training``).
 
         Args:
@@ -145,15 +145,17 @@ class LocalTrunk:
 
         Raises:
             ConfigError: bad settings.
-            TrunkBusy: too many adapters are loaded.
+            PreconditionFailed: the adapter is being trained by another session, or a
+                full-trunk session would run beside others.
+            TrunkBusy: too many training sessions or adapters.
             CheckpointError: ``weights`` or ``optimizer_state`` do not fit this trunk.
         """
-        from ._training import open_local_training
-
-        worker = await self._ensure_worker()
-        session = await open_local_training(
-            self, worker, self._pending, mode, lora, optimizer, adapter_id, weights, optimizer_state
+        if self._closed:
+            raise ClientClosed("Cannot open a training session, as the LocalTrunk has been closed.")
+        entry = await self.training.open(
+            mode, lora=lora, optimizer=optimizer, adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state
         )
+        session = LocalTrainingSession(self.training, entry.training_id, self._training.discard)
         self._training.add(session)
         return session
 
@@ -161,42 +163,33 @@ class LocalTrunk:
         """Load a saved adapter (safetensors bytes) under ``adapter_id`` for inference or more training.
 
         Raises:
-            ConfigError: the name is malformed or taken.
+            ConfigError: the name is malformed.
+            AlreadyExists: an adapter of that name is loaded.
+            TrunkBusy: too many adapters are loaded.
             CheckpointError: the file does not fit this trunk.
         """
-        from ..training._config import check_adapter_id
-        from ..training._engine import from_safetensors
-        from ..training._lora import LoraAdapter
-
-        check_adapter_id(adapter_id)
-        worker = await self._ensure_worker()
-        try:
-            self._adapters.check_room(adapter_id)
-        except ValueError as exc:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"{exc}.") from None
-        tensors, meta = await worker.run(from_safetensors, weights)
-        self._adapters.adapters[adapter_id] = await worker.run(LoraAdapter.from_tensors, self.trunk, tensors, meta, adapter_id)
+        if self._closed:
+            raise ClientClosed("Cannot load an adapter, as the LocalTrunk has been closed.")
+        await self.training.load_adapter(adapter_id, weights)
 
     async def delete_adapter(self, adapter_id: str) -> None:
         """Forget the adapter ``adapter_id`` (sessions already using it keep it).
 
         Raises:
-            SessionNotFound: no adapter of that name is loaded.
+            AdapterNotFound: no adapter of that name is loaded.
+            PreconditionFailed: a training session is training it.
         """
-        if self._adapters.adapters.pop(adapter_id, None) is None:
-            raise SessionNotFound(f"no adapter named {adapter_id!r} is loaded on this trunk.")
+        self.training.delete_adapter(adapter_id)
 
     @property
     def adapters(self) -> list[str]:
         """Names of the loaded adapters."""
-        return sorted(self._adapters.adapters)
+        return sorted(self.training.adapters.adapters)
 
     @property
     def pending_steps(self) -> int:
         """Training steps waiting for their backward (all training sessions)."""
-        return len(self._pending)
+        return self.training.pending_steps
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
@@ -269,8 +262,6 @@ class LocalTrunkSession(TrunkSession):
         if self._cache is None:
             self._cache = self._owner.trunk.new_cache(hidden.shape[0])
             if self._adapter is not None:
-                from ..training._lora import bind_adapter
-
                 bind_adapter(self._cache, self._adapter)
         return await self._worker.run(_run_trunk, self._owner.trunk, hidden, attention_mask, position_ids, self._cache)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BundleCorruptError, BundleError, MissingPartError
 from .sources import TensorSource
 from .stages import PARTS, SplitStages, Stage

@@ -1,12 +1,45 @@
 """The trunk server: :class:`AsyncGRPCComputeServer`, its :class:`ServerConfig` and :class:`SessionStore`.
 
-Importing this package imports grpc and torch (unlike the top-level package).
+Names load on first use (PEP 562), so ``splitlearn --help`` and :class:`ServerProcess`
+do not import grpc or torch; :class:`AsyncGRPCComputeServer` does.
 """
 
 from __future__ import annotations
 
-from splitlearn_async.server._config import ServerConfig
-from splitlearn_async.server._service import AsyncGRPCComputeServer
-from splitlearn_async.server._sessions import Session, SessionStore, SessionTooLong, StoreFull
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AsyncGRPCComputeServer", "ServerConfig", "Session", "SessionStore", "SessionTooLong", "StoreFull"]
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "AsyncGRPCComputeServer": "splitlearn_async.server._service",
+    "ServerConfig": "splitlearn_async.server._config",
+    "ServerProcess": "splitlearn_async.server._process",
+    "Session": "splitlearn_async.server._sessions",
+    "SessionStore": "splitlearn_async.server._sessions",
+    "SessionTooLong": "splitlearn_async.server._sessions",
+    "StoreFull": "splitlearn_async.server._sessions",
+    "add_serve_arguments": "splitlearn_async.server._cli",
+    "serve_main": "splitlearn_async.server._cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from ._cli import add_serve_arguments, serve_main
+    from ._config import ServerConfig
+    from ._process import ServerProcess
+    from ._service import AsyncGRPCComputeServer
+    from ._sessions import Session, SessionStore, SessionTooLong, StoreFull
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitlearn_async.server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -15,16 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitlearn_async.errors import TrunkBusy
+
 __all__ = ["Session", "SessionStore", "StoreFull", "SessionTooLong"]
 
 logger = logging.getLogger(__name__)
 
 
-class StoreFull(RuntimeError):
+class StoreFull(TrunkBusy):
     """The server is full: too many sessions, or the token budget over all sessions is spent."""
 
 
-class SessionTooLong(ValueError):
+class SessionTooLong(TrunkBusy, ValueError):
     """One session (or one stateless call) asks for more tokens than a session may hold."""
 
 

@@ -1,16 +1,26 @@
-"""Helpers shared by the server's services: ending a call with a sentence, stopping a task."""
+"""How the server's handlers end a failed call: the status table, a sentence, and a log line for bugs."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NoReturn
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-__all__ = ["abort", "sentence", "cancel_and_wait"]
+from splitlearn_async.errors import WorkerDied, WorkerStopped
+from splitlearn_async.protocol.status import status_for
+
+__all__ = ["abort", "abort_for", "cancel_and_wait", "guarded", "guarded_stream", "sentence"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> NoReturn:
     """End the call with ``code`` and ``details`` (a whole sentence); never returns."""
     await context.abort(code, details)
     raise RuntimeError("context.abort returned instead of raising")  # pragma: no cover
@@ -20,6 +30,53 @@ def sentence(exc: BaseException) -> str:
     """The exception's message as a sentence ending with a full stop."""
     text = str(exc).strip() or type(exc).__name__
     return text if text.endswith((".", "?", "!")) else text + "."
+
+
+async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, what: str) -> NoReturn:
+    """End the call for ``exc``: its code from the status table and its sentence.
+
+    An error that matches no row of the table is a bug on this side: it is logged with
+    its traceback and answered with ``INTERNAL``, naming ``what`` failed.
+    """
+    code = status_for(exc)
+    if code is None:
+        logger.error("%s failed", what, exc_info=exc)
+        await abort(context, grpc.StatusCode.INTERNAL, f"the trunk failed on {what}: {type(exc).__name__}: {exc}.")
+    if isinstance(exc, (WorkerStopped, WorkerDied)):
+        await abort(context, code, f"the trunk worker is not running ({exc}); retry on another server.")
+    await abort(context, code, sentence(exc))
+
+
+def guarded(handler: Handler, what: str) -> Handler:
+    """``handler`` with every error it raises answered by :func:`abort_for`."""
+
+    async def call(body: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        try:
+            return await handler(body, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_for(context, exc, what)
+
+    return call
+
+
+async def guarded_stream(
+    replies: AsyncGenerator[T, None], context: grpc.aio.ServicerContext[Any, Any], what: str
+) -> AsyncGenerator[T, None]:
+    """The replies of a streaming handler, with every error it raises answered by :func:`abort_for`.
+
+    ``replies`` is closed when the stream ends for any reason, so its ``finally`` runs at once.
+    """
+    try:
+        async for reply in replies:
+            yield reply
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await abort_for(context, exc, what)
+    finally:
+        await replies.aclose()
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

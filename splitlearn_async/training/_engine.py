@@ -1,115 +1,31 @@
-"""The trunk's side of split training, shared by LocalTrunk and the gRPC server.
+"""The trunk's trainer: one training session's trainable parameters and their optimizer.
 
-- :class:`TrunkTrainer`: one training session's trainable parameters (the whole trunk,
-  a LoRA adapter, or none) and their optimizer. Its ``forward`` keeps the autograd graph;
-  its ``backward`` back-propagates the client's gradient of the trunk output through
-  that very graph (no recomputation), accumulates the parameter gradients, optionally
-  steps the optimizer, and returns the gradient of the trunk input. Its methods run on
-  the torch worker thread only.
-- :class:`PendingSteps`: the kept graphs by step id, bounded in number and in age.
-- :class:`AdapterRegistry`: named LoRA adapters of one trunk.
-- :func:`to_safetensors` / :func:`from_safetensors`: bytes with metadata, both ways.
+:class:`TrunkTrainer` holds the whole trunk, a LoRA adapter, or nothing as trainable
+parameters, with their optimizer. Its ``forward`` keeps the autograd graph; its
+``backward`` back-propagates the client's gradient of the trunk output through that very
+graph (no recomputation), accumulates the parameter gradients, optionally steps the
+optimizer, and returns the gradient of the trunk input. Its methods run on the torch
+worker thread only; the rules around them live in :mod:`._host`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import struct
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from ._config import LoraConfig, OptimizerConfig
+from ._config import OptimizerConfig
 from ._lora import LoraAdapter, use_adapter
+from ._pending import StepGraph
+from ._safetensors import to_safetensors
 
-__all__ = [
-    "TrunkTrainer",
-    "StepGraph",
-    "PendingSteps",
-    "PendingFull",
-    "StepNotFound",
-    "AdapterRegistry",
-    "to_safetensors",
-    "from_safetensors",
-    "serialize_state",
-    "create_adapter",
-]
+__all__ = ["TrunkTrainer", "serialize_state"]
 
 logger = logging.getLogger(__name__)
-
-
-class PendingFull(RuntimeError):
-    """Too many training steps wait for their backward."""
-
-
-class StepNotFound(KeyError):
-    """A step id that is unknown, already used, or expired."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def to_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialise CPU tensors to safetensors bytes with string ``metadata``."""
-    from safetensors.torch import save
-
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return save(cpu, metadata=dict(metadata or {}))
-
-
-def from_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse safetensors bytes into ``(tensors, metadata)``.
-
-    Raises:
-        CheckpointError: the bytes are not a valid safetensors file.
-    """
-    from safetensors.torch import load
-
-    try:
-        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-        tensors = load(bytes(data))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"the data is not a valid safetensors file ({type(exc).__name__}: {exc}).") from exc
-    metadata = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-@dataclass(eq=False)
-class StepGraph:
-    """The kept autograd graph of one training forward.
-
-    Attributes:
-        inputs: ``(B, T, H)`` leaf tensor the trunk ran on (its ``.grad`` is the answer).
-        outputs: ``(B, T, H)`` trunk output still attached to the graph.
-        nbytes: Bytes of the tensors autograd saved for the backward (activations).
-        owner: The training session the step belongs to.
-        step_id: Its id.
-        created_s: Clock time of the forward.
-    """
-
-    inputs: torch.Tensor | None
-    outputs: torch.Tensor | None
-    nbytes: int
-    owner: str = ""
-    step_id: int = 0
-    created_s: float = 0.0
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.outputs.shape) if self.outputs is not None else ()
-
-    def release(self) -> None:
-        """Drop the graph (frees the saved activations)."""
-        self.inputs = None
-        self.outputs = None
-        self.nbytes = 0
 
 
 class TrunkTrainer:
@@ -326,145 +242,6 @@ class TrunkTrainer:
                 p.copy_(tensors[name].to(p.dtype))
 
 
-class PendingSteps:
-    """Graphs waiting for their backward, keyed by ``(owner, step_id)``, bounded in number and age.
-
-    No torch here: the entries are opaque :class:`StepGraph` objects.
-
-    Args:
-        max_pending: Most graphs kept at once (over all owners).
-        ttl_s: A graph older than this is dropped by :meth:`expire`.
-        clock: Monotonic clock in seconds.
-    """
-
-    def __init__(self, max_pending: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_pending = max_pending
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._steps: dict[tuple[str, int], StepGraph] = {}
-        self._ids = itertools.count(1)
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of saved activations over all kept graphs."""
-        return sum(g.nbytes for g in self._steps.values())
-
-    def check_room(self) -> None:
-        """Raise :class:`PendingFull` if no graph can be added."""
-        if len(self._steps) >= self.max_pending:
-            raise PendingFull(
-                f"{len(self._steps)} training steps already wait for their backward (max_pending_steps="
-                f"{self.max_pending}); send their Backward first, or wait for them to expire after {self.ttl_s} s."
-            )
-
-    def add(self, owner: str, graph: StepGraph) -> int:
-        """Keep ``graph`` for ``owner``; returns its step id.
-
-        Raises:
-            PendingFull: ``max_pending`` graphs are kept already.
-        """
-        self.check_room()
-        step_id = next(self._ids)
-        graph.owner, graph.step_id, graph.created_s = owner, step_id, self._clock()
-        self._steps[(owner, step_id)] = graph
-        return step_id
-
-    def get(self, owner: str, step_id: int) -> StepGraph:
-        """The graph of ``step_id`` (still kept).
-
-        Raises:
-            StepNotFound: the id is unknown to ``owner``, already used or expired.
-        """
-        graph = self._steps.get((owner, step_id))
-        if graph is None:
-            raise StepNotFound(
-                f"training step {step_id} is unknown: it was never returned by a forward of this training "
-                f"session, its backward already ran, or it expired (steps are kept {self.ttl_s} s); run the "
-                "forward again."
-            )
-        return graph
-
-    def pop(self, owner: str, step_id: int) -> StepGraph:
-        """Remove and return the graph of ``step_id``; raises :class:`StepNotFound` like :meth:`get`."""
-        graph = self.get(owner, step_id)
-        del self._steps[(owner, step_id)]
-        return graph
-
-    def of_owner(self, owner: str) -> list[StepGraph]:
-        """The kept graphs of ``owner``."""
-        return [g for (o, _), g in self._steps.items() if o == owner]
-
-    def drop_owner(self, owner: str) -> int:
-        """Release every graph of ``owner``; returns how many."""
-        keys = [k for k in self._steps if k[0] == owner]
-        for k in keys:
-            self._steps.pop(k).release()
-        return len(keys)
-
-    def expire(self) -> list[StepGraph]:
-        """Release and return the graphs older than ``ttl_s``."""
-        now = self._clock()
-        old = [k for k, g in self._steps.items() if now - g.created_s > self.ttl_s]
-        out = []
-        for k in old:
-            graph = self._steps.pop(k)
-            logger.info("training step %s of %s expired after %.1f s without a backward", k[1], k[0], now - graph.created_s)
-            graph.release()
-            out.append(graph)
-        return out
-
-    def clear(self) -> None:
-        """Release everything."""
-        for g in self._steps.values():
-            g.release()
-        self._steps.clear()
-
-
-@dataclass
-class AdapterRegistry:
-    """Named LoRA adapters of one trunk.
-
-    Attributes:
-        max_adapters: Most adapters kept at once.
-        adapters: ``{adapter_id: LoraAdapter}``.
-    """
-
-    max_adapters: int = 64
-    adapters: dict[str, LoraAdapter] = field(default_factory=dict)
-    _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
-
-    def new_id(self) -> str:
-        """An unused name ``adapter-<n>``."""
-        while True:
-            candidate = f"adapter-{next(self._ids)}"
-            if candidate not in self.adapters:
-                return candidate
-
-    def check_room(self, adapter_id: str) -> None:
-        """Raise :class:`PendingFull` if a new adapter cannot be added, ValueError if the name is taken."""
-        if adapter_id in self.adapters:
-            raise ValueError(f"an adapter named {adapter_id!r} exists already; delete it first or pick another name")
-        if len(self.adapters) >= self.max_adapters:
-            raise PendingFull(
-                f"{len(self.adapters)} adapters are loaded (max_adapters={self.max_adapters}); delete one first."
-            )
-
-    def get(self, adapter_id: str) -> LoraAdapter:
-        """The adapter named ``adapter_id``.
-
-        Raises:
-            StepNotFound: no such adapter.
-        """
-        adapter = self.adapters.get(adapter_id)
-        if adapter is None:
-            known = sorted(self.adapters)[:8]
-            raise StepNotFound(f"no adapter named {adapter_id!r} is loaded on this trunk (loaded: {known}).")
-        return adapter
-
-
 def serialize_state(trainer: TrunkTrainer, optimizer: bool) -> tuple[bytes, bytes | None]:
     """(worker) ``(weights, optimizer_state)`` of a trainer as safetensors bytes.
 
@@ -473,17 +250,3 @@ def serialize_state(trainer: TrunkTrainer, optimizer: bool) -> tuple[bytes, byte
     weights = to_safetensors(*trainer.weights()) if trainer.mode != "frozen" else b""
     opt = to_safetensors(*trainer.optimizer_state()) if optimizer else None
     return weights, opt
-
-
-def create_adapter(trunk: Any, config: LoraConfig, adapter_id: str, weights: bytes | None = None) -> LoraAdapter:
-    """(worker) A new adapter on ``trunk``: from saved ``weights`` (their metadata gives rank,
-    alpha and targets) if given, else initialised with ``config``'s settings.
-
-    Raises:
-        CheckpointError: ``weights`` is not an adapter file that fits ``trunk``.
-        ValueError: no layer of the trunk matches the target modules.
-    """
-    if weights:
-        tensors, meta = from_safetensors(weights)
-        return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)
-    return LoraAdapter(trunk, config.rank, config.alpha, config.target_modules, config.dropout, config.seed, adapter_id)

@@ -18,8 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlearn_async import ClientConfig, RemoteTrunk, SplitPipeline, TrunkUnavailable, save_stages, split_model
-from tiny_models import left_padded_batch, tiny_model
+from splitlearn_async import (
+    ClientConfig,
+    RemoteTrunk,
+    SplitPipeline,
+    TrunkUnavailable,
+    save_stages,
+    split_model,
+)
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 
 def _start_server(bundle: Path, port: int, port_file: Path) -> subprocess.Popen[bytes]:

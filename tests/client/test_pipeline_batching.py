@@ -8,7 +8,7 @@ import torch
 
 from splitlearn_async import LocalTrunk, SplitPipeline, split_model
 from splitlearn_async.worker import StageWorker
-from tiny_models import left_padded_batch, tiny_model
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 # streams of different rows and prompt lengths; some share a prompt length (their prefills
 # batch too); they stop at different steps and join at different steps

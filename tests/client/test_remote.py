@@ -31,24 +31,9 @@ from splitlearn_async import (
 )
 from splitlearn_async.client._errors import is_retryable, translate_rpc_error
 from splitlearn_async.errors import SplitLearnError
-from tiny_models import left_padded_batch, tiny_model
-
-
-@contextlib.asynccontextmanager
-async def served(trunk, config: ServerConfig | None = None):
-    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0, config)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace=1.0)
-
-
-async def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+from tests.support.rpc import served
+from tests.support.tiny_models import left_padded_batch, tiny_model
+from tests.support.waiting import wait_until
 
 
 async def test_remote_generate_equals_model_generate_with_left_padding_and_eos(family):
@@ -227,10 +212,8 @@ async def test_unreachable_server_gives_trunk_unavailable_after_the_retry_deadli
     # the server is gone: nothing listens on the port any more
     config = ClientConfig(retry_deadline_s=0.5, initial_backoff_s=0.05, max_backoff_s=0.1)
     async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote, SplitPipeline(bottom, remote, top) as p:
-        started = time.monotonic()
         with pytest.raises(TrunkUnavailable, match=r"stayed unreachable for retry_deadline_s=0\.5 s \((\d+) attempts\)") as info:
             await p.generate(*left_padded_batch([3]), max_new_tokens=2)
-        assert time.monotonic() - started < 30  # bounded: no hang (a generous bound, not a timing test)
         attempts = int(re.search(r"\((\d+) attempts\)", str(info.value)).group(1))  # type: ignore[union-attr]
         assert attempts >= 3  # it did retry, with backoff
 

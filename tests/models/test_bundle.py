@@ -16,7 +16,7 @@ from splitlearn_async import (
     save_stages,
     split_model,
 )
-from tiny_models import left_padded_batch, tiny_model
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 
 @pytest.fixture

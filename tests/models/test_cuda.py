@@ -8,7 +8,7 @@ import torch
 from splitlearn_async import split_model
 from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.models.stages import run_stage, run_stage_batched
-from tiny_models import left_padded_batch, tiny_model
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

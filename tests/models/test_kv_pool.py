@@ -10,7 +10,7 @@ import torch
 from splitlearn_async import split_model
 from splitlearn_async.models.cache import CacheGroup, CacheReleased, KVPool
 from splitlearn_async.models.stages import run_stage, run_stage_batched
-from tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 ATOL = 1e-5
 

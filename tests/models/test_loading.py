@@ -10,8 +10,15 @@ import textwrap
 import pytest
 import torch
 
-from splitlearn_async import CheckpointError, ModelError, ModelFactory, SplitPointError, load_stages, split_model
-from tiny_models import left_padded_batch, tiny_model
+from splitlearn_async import (
+    CheckpointError,
+    ModelError,
+    ModelFactory,
+    SplitPointError,
+    load_stages,
+    split_model,
+)
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 
 @pytest.fixture

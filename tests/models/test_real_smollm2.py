@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -48,13 +46,13 @@ def test_32_greedy_tokens_equal_model_generate(reference, bundle):
     assert "Paris" in tokenizer.decode(got[0, enc["input_ids"].shape[1]:])
 
 
-def test_default_bundle_is_cached_and_loads_fast(bundle):
-    started = time.perf_counter()
-    assert default_bundle() == bundle  # no second conversion
+def test_default_bundle_is_cached(bundle):
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*") if p.is_file()}
+    assert default_bundle() == bundle
+    after = {p: p.stat().st_mtime_ns for p in bundle.rglob("*") if p.is_file()}
+    assert after == before  # no second conversion: not one file was rewritten
     stages = load_stages("default")
     assert stages.trunk.layer_range == (3, 27) and stages.trunk.config.num_hidden_layers == 30
-    # loose sanity bound only (the README's figure comes from the benchmark, not from here)
-    assert time.perf_counter() - started < 30
 
 
 def test_locating_the_wheel_does_not_import_it():

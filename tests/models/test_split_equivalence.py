@@ -8,7 +8,7 @@ import torch
 from splitlearn_async import prompt_positions, split_model
 from splitlearn_async.models.decoding import generate_local
 from splitlearn_async.models.hf_compat import cache_kwargs, output_cache
-from tiny_models import left_padded_batch, tiny_model
+from tests.support.tiny_models import left_padded_batch, tiny_model
 
 TOL = 1e-5
 SPLITS = [(2, 4), (0, 6), (1, 2), (5, 6), (3, 5)]

@@ -6,7 +6,7 @@ import pytest
 
 from splitlearn_async import SplitPointError, UnsupportedModelError, split_model
 from splitlearn_async.models.families import family_for
-from tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("split", [(4, 2), (3, 3), (-1, 3), (2, 7), (0, 0)])

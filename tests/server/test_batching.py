@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _client import RawSession, channel, make_case, reference, wait_until
 from splitlearn_async import split_model
 from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig
-from splitlearn_async.server._service import _chunk_bounds
-from tiny_models import tiny_model
+from splitlearn_async.server._steps import chunk_bounds
+from tests.support.rpc import RawSession, channel, make_case, reference
+from tests.support.tiny_models import tiny_model
+from tests.support.waiting import wait_until
 
 ATOL = 1e-5  # batched matmuls may differ from batch-1 ones in the last bits
 
@@ -172,13 +173,13 @@ async def test_long_prefill_is_chunked_and_decode_steps_run_between_chunks():
     expected_long, expected_short = reference(trunk, long_case), reference(trunk, short_case)
     async with AsyncGRPCComputeServer(trunk, config=config) as server, channel(server.port) as chan:
         calls: list[tuple[int, ...]] = []  # new tokens of each session in each trunk call
-        compute = server._compute_batch
+        compute = server.inference.compute_batch
 
-        def recording(works):
+        def recording(trunk, works, metrics):
             calls.append(tuple(int(w.hidden.shape[1]) for w in works))
-            return compute(works)
+            return compute(trunk, works, metrics)
 
-        server._compute_batch = recording
+        server.inference.compute_batch = recording
         short = RawSession(chan)
         got_short = [(await short.open(*short_case[0])).hidden_states]
         long = RawSession(chan)
@@ -212,5 +213,5 @@ async def test_long_prefill_is_chunked_and_decode_steps_run_between_chunks():
     (9, 4, [(0, 4), (4, 8), (8, 9)]),
     (1, 1, [(0, 1)]),
 ])
-def test_chunk_bounds(length, chunk, bounds):
-    assert _chunk_bounds(length, chunk) == bounds
+def testchunk_bounds(length, chunk, bounds):
+    assert chunk_bounds(length, chunk) == bounds

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from _client import RawSession, channel, make_case, reference, run_session
 from splitlearn_async import split_model
 from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig
-from tiny_models import tiny_model
+from tests.support.rpc import RawSession, channel, make_case, reference, run_session
+from tests.support.tiny_models import tiny_model
 
 
 def tiny_trunk(family: str = "llama"):
@@ -47,8 +47,8 @@ async def test_step_lengths_count_cache_columns():
 
 
 async def test_forward_is_stateless_and_exact(family):
-    from _client import unary
     from splitlearn_async import protocol as proto
+    from tests.support.rpc import unary
 
     trunk = tiny_trunk(family)
     hidden, mask, positions = make_case(batch=2, prompt=7, steps=0, hidden_size=trunk.hidden_size, seed=3)[0]

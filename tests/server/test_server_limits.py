@@ -10,13 +10,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _client import RawSession, channel, make_case, reference, run_session, wait_until
 from splitlearn_async import protocol as proto
 from splitlearn_async import split_model
 from splitlearn_async.errors import ConfigError
-from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig, SessionStore, SessionTooLong, StoreFull
+from splitlearn_async.server import (
+    AsyncGRPCComputeServer,
+    ServerConfig,
+    SessionStore,
+    SessionTooLong,
+    StoreFull,
+)
 from splitlearn_async.wire import encode_tensor, pack
-from tiny_models import tiny_model
+from tests.support.rpc import RawSession, channel, make_case, reference, run_session
+from tests.support.tiny_models import tiny_model
+from tests.support.waiting import wait_until
 
 H = 64
 

@@ -12,11 +12,19 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from _client import RawSession, channel, make_case, reference, run_session, unary, wait_until
 from splitlearn_async import __version__, split_model
 from splitlearn_async import protocol as proto
 from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig
-from tiny_models import tiny_model
+from tests.support.rpc import (
+    RawSession,
+    channel,
+    make_case,
+    reference,
+    run_session,
+    unary,
+)
+from tests.support.tiny_models import tiny_model
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +138,7 @@ async def test_health_and_stop(trunk):
             s = RawSession(chan)
             await s.open(*case[0])
             stopping = asyncio.create_task(server.stop(grace=5.0))
-            await wait_until(lambda: server._stopping)
+            await wait_until(lambda: server.context.stopping)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await s.step(*case[1])
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -7,12 +7,22 @@ import contextlib
 import pytest
 import torch
 
-from _reference import SPLIT, clone_model, make_batch
-from splitlearn_async import AsyncGRPCComputeServer, LocalTrunk, RemoteTrunk, SessionNotFound, SplitPipeline, split_model
-from splitlearn_async.client._training import TrunkState
-from splitlearn_async.training import LoraConfig, OptimizerConfig, SplitTrainer, TrainingConfig, merge_adapter
-from splitlearn_async.training._engine import from_safetensors
-from tiny_models import left_padded_batch, tiny_model
+from splitlearn_async import (
+    AsyncGRPCComputeServer,
+    LocalTrunk,
+    RemoteTrunk,
+    LoraConfig,
+    OptimizerConfig,
+    SessionNotFound,
+    SplitPipeline,
+    SplitTrainer,
+    TrainingConfig,
+    merge_adapter,
+    split_model,
+)
+from splitlearn_async.training import TrunkState, from_safetensors
+from tests.support.tiny_models import left_padded_batch, tiny_model
+from tests.support.training_reference import SPLIT, clone_model, make_batch
 
 
 @contextlib.asynccontextmanager

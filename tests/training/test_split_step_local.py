@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _reference import (
+from splitlearn_async import LocalTrunk, split_model
+from splitlearn_async import OptimizerConfig, SplitTrainer, TrainingConfig
+from splitlearn_async.training import from_safetensors
+from tests.support.tiny_models import tiny_model
+from tests.support.training_reference import (
     SPLIT,
     TOL,
     clone_model,
@@ -15,10 +19,6 @@ from _reference import (
     record_grads,
     unsplit_step,
 )
-from splitlearn_async import LocalTrunk, split_model
-from splitlearn_async.training import OptimizerConfig, SplitTrainer, TrainingConfig
-from splitlearn_async.training._engine import from_safetensors
-from tiny_models import tiny_model
 
 OPTIMIZERS = {
     "adamw": OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01),

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from _reference import SPLIT, TOL, clone_model, make_batch, max_diff, peft_reference, record_grads, unsplit_step
-from splitlearn_async import AsyncGRPCComputeServer, RemoteTrunk, ServerConfig, split_model
+from splitlearn_async import (
+    RemoteTrunk,
+    split_model,
+)
 from splitlearn_async.client._remote_training import load_remote_adapter
-from splitlearn_async.training import OptimizerConfig, SplitTrainer, TrainingConfig
-from splitlearn_async.training._engine import from_safetensors
-from tiny_models import tiny_model
+from splitlearn_async import OptimizerConfig, SplitTrainer, TrainingConfig
+from splitlearn_async.training import from_safetensors
+from tests.support.rpc import served
+from tests.support.tiny_models import tiny_model
+from tests.support.training_reference import (
+    SPLIT,
+    TOL,
+    clone_model,
+    make_batch,
+    max_diff,
+    peft_reference,
+    record_grads,
+    unsplit_step,
+)
 
 OPT = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01)
-
-
-@contextlib.asynccontextmanager
-async def served(trunk, **config):
-    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0, ServerConfig(**config))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace=1.0)
 
 
 def client_stages(model):

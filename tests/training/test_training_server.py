@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import weakref
 
@@ -11,12 +10,9 @@ import grpc
 import pytest
 import torch
 
-from _reference import SPLIT, TOL, clone_model, make_batch, max_diff
 from splitlearn_async import (
-    AsyncGRPCComputeServer,
     LoraConfig,
     RemoteTrunk,
-    ServerConfig,
     SessionNotFound,
     TrunkBusy,
     TrunkRejected,
@@ -24,27 +20,30 @@ from splitlearn_async import (
     split_model,
 )
 from splitlearn_async import protocol as proto
-from splitlearn_async.client._remote_training import delete_remote_adapter, load_remote_adapter, open_remote_training
+from splitlearn_async.wire import pack
+from splitlearn_async.client._remote_training import (
+    delete_remote_adapter,
+    load_remote_adapter,
+    open_remote_training,
+)
 from splitlearn_async.client._training import TrunkState
-from splitlearn_async.training import OptimizerConfig, SplitTrainer, TrainingConfig
-from splitlearn_async.training._engine import from_safetensors
-from tiny_models import tiny_model
+from splitlearn_async import OptimizerConfig, SplitTrainer, TrainingConfig
+from splitlearn_async.training import from_safetensors
+from tests.support.rpc import served
+from tests.support.tiny_models import tiny_model
+from tests.support.training_reference import (
+    SPLIT,
+    TOL,
+    clone_model,
+    make_batch,
+    max_diff,
+)
 
 H = 64  # hidden size of the tiny models
 
 
 def _identity(body: bytes) -> bytes:
     return body
-
-
-@contextlib.asynccontextmanager
-async def served(trunk, **config):
-    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0, ServerConfig(**config))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace=1.0)
 
 
 def tiny_trunk(family: str = "llama", seed: int = 0):
@@ -112,10 +111,10 @@ async def test_malformed_bodies_are_invalid_argument_and_the_server_carries_on()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
             for method, body in [
                 (proto.METHOD_TRAIN_OPEN, b"\x01\x02"),
-                (proto.METHOD_TRAIN_OPEN, proto.pack({"kind": "open", "mode": "everything"})),
-                (proto.METHOD_TRAIN_OPEN, proto.pack({"kind": "open", "mode": "lora", "optimizer": {"lr": -1}})),
-                (proto.METHOD_BACKWARD, proto.pack({"kind": "backward", "training_id": "x", "step_id": -3})),
-                (proto.METHOD_TRAIN_FORWARD, proto.pack({"kind": "forward"})),
+                (proto.METHOD_TRAIN_OPEN, pack({"kind": "open", "mode": "everything"})),
+                (proto.METHOD_TRAIN_OPEN, pack({"kind": "open", "mode": "lora", "optimizer": {"lr": -1}})),
+                (proto.METHOD_BACKWARD, pack({"kind": "backward", "training_id": "x", "step_id": -3})),
+                (proto.METHOD_TRAIN_FORWARD, pack({"kind": "forward"})),
                 (proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter("a", b"not safetensors")),
             ]:
                 call = chan.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
@@ -155,7 +154,7 @@ async def test_memory_returns_after_a_client_vanishes_mid_step():
         session = await open_remote_training(remote, "lora", lora=LoraConfig(rank=2))
         hidden, mask, pos = inputs(batch=4, tokens=16)
         _, step_id = await session.forward(hidden, mask, pos)
-        (graph,) = server.training.pending.of_owner(session.training_id)
+        (graph,) = server.training.host.pending.of_owner(session.training_id)
         kept = weakref.ref(graph.outputs)
         assert server.training.pending_bytes > hidden.numel() * 4  # activations of several layers
         await remote.aclose()  # the client vanishes: no backward, no close
@@ -164,7 +163,7 @@ async def test_memory_returns_after_a_client_vanishes_mid_step():
         gc.collect()
         assert kept() is None, "the graph's output tensor is still alive"
         assert server.training.pending_bytes == 0
-        await wait_until(lambda: not server.training.sessions)  # the idle training session expires too
+        await wait_until(lambda: not server.training.host.sessions)  # the idle training session expires too
         async with RemoteTrunk(f"127.0.0.1:{server.port}") as again:
             with pytest.raises(SessionNotFound):
                 body = proto.build_backward(session.training_id, step_id, torch.ones_like(hidden))
@@ -340,7 +339,7 @@ async def test_decode_steps_interleave_with_training_steps():
 async def test_concurrent_sessions_with_different_adapters_batch_apart_and_stay_exact():
     """Sessions with adapter a, adapter b and none decode at once on a batching server; each equals
     its own in-process run (decode steps are batched only within the same adapter)."""
-    from splitlearn_async.training._engine import to_safetensors
+    from splitlearn_async.training import to_safetensors
     from splitlearn_async.training._lora import LoraAdapter, bind_adapter
 
     _, trunk = tiny_trunk("qwen2")

@@ -5,13 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _reference import SPLIT
-from splitlearn_async import ConfigError, LoraConfig, OptimizerConfig, TrainingConfig, WireError, split_model
+from splitlearn_async import (
+    ConfigError,
+    LoraConfig,
+    OptimizerConfig,
+    TrainingConfig,
+    WireError,
+    split_model,
+)
 from splitlearn_async import protocol as proto
-from splitlearn_async.models.cache import KVCache
-from splitlearn_async.training._engine import PendingFull, PendingSteps, StepGraph, StepNotFound
-from splitlearn_async.training._lora import LoraAdapter, active_adapter, bind_adapter, use_adapter
-from tiny_models import tiny_model
+from splitlearn_async.wire import pack
+from splitlearn_async.errors import StepNotFound, TrunkBusy
+from splitlearn_async.training._pending import PendingSteps, StepGraph
+from splitlearn_async.training._lora import (
+    LoraAdapter,
+    active_adapter,
+    bind_adapter,
+    use_adapter,
+)
+from tests.support.tiny_models import tiny_model
+from tests.support.training_reference import SPLIT
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -55,9 +68,9 @@ def test_training_messages_round_trip_and_refuse_bad_fields():
     with pytest.raises(WireError, match="hidden_states"):
         proto.parse_train_forward(proto.build_train_forward("t1", h, torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3)), hidden_size=16)
     with pytest.raises(WireError, match="adapter_id"):
-        proto.parse_load_adapter(proto.pack({"kind": "load", "adapter_id": "../etc", "weights": b"x"}))
+        proto.parse_load_adapter(pack({"kind": "load", "adapter_id": "../etc", "weights": b"x"}))
     with pytest.raises(WireError, match="step_id"):
-        proto.parse_backward(proto.pack({"kind": "backward", "training_id": "t", "step_id": 0, "grad_output": None}))
+        proto.parse_backward(pack({"kind": "backward", "training_id": "t", "step_id": 0, "grad_output": None}))
     opened = proto.parse_inputs(proto.build_open(h, torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3), adapter_id="a-1"))
     assert opened.adapter_id == "a-1"
 
@@ -105,7 +118,7 @@ def test_pending_steps_bound_expiry_and_release():
     graphs = [StepGraph(torch.ones(1), torch.ones(1), 4) for _ in range(3)]
     a = pending.add("s", graphs[0])
     pending.add("s", graphs[1])
-    with pytest.raises(PendingFull, match="max_pending_steps=2"):
+    with pytest.raises(TrunkBusy, match="max_pending_steps=2"):
         pending.add("s", graphs[2])
     with pytest.raises(StepNotFound):
         pending.get("other", a)

@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from splitlearn_async.errors import WireError
-from splitlearn_async.wire import WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
+from splitlearn_async.wire import (
+    WIRE_DTYPES,
+    decode_tensor,
+    encode_tensor,
+    pack,
+    unpack,
+)
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

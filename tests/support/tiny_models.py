@@ -9,7 +9,13 @@ FAMILY_NAMES = ("llama", "gpt2", "qwen2", "gemma", "gemma3")
 
 def tiny_config(family: str, num_layers: int = 6, **overrides):
     """A small random config of ``family`` with ``num_layers`` layers and no dropout."""
-    from transformers import Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import (
+        Gemma3TextConfig,
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":

@@ -22,34 +22,14 @@ from types import TracebackType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ClientClosed, ConfigError
 from ..worker import StageWorker
-from ._config import TrainingConfig
+from ..training import IGNORE_INDEX, TrainingConfig, causal_lm_loss
 
-__all__ = ["SplitTrainer", "causal_lm_loss", "IGNORE_INDEX"]
+__all__ = ["SplitTrainer"]
 
 logger = logging.getLogger(__name__)
-
-#: Labels equal to this are left out of the loss (padding), as in Hugging Face.
-IGNORE_INDEX = -100
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: ``logits (B, T, V)`` at ``t`` predict ``labels (B, T)`` at ``t + 1``.
-
-    Labels equal to :data:`IGNORE_INDEX` are left out.
-
-    Raises:
-        ValueError: no label is left to predict.
-    """
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
-    if not bool((shift_labels != IGNORE_INDEX).any()):
-        raise ValueError("the batch has no label to predict; give sequences of at least two real tokens.")
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
-
 
 class SplitTrainer:
     """Trains a split model: bottom and top here, the trunk behind a training session.
@@ -131,19 +111,14 @@ class SplitTrainer:
             if self._session is None:
                 c = self.config
                 kwargs: dict[str, Any] = dict(
-                    lora=c.lora, optimizer=c.effective_trunk_optimizer,
+                    lora=c.lora,
+                    optimizer=c.effective_trunk_optimizer,
                     adapter_id=c.adapter_id if c.trunk == "lora" else None,
                 )
                 if hasattr(self.trunk, "open_training"):
                     self._session = await self.trunk.open_training(c.trunk, **kwargs)
-                elif hasattr(self.trunk, "unary"):
-                    from ..client._remote_training import open_remote_training
-
-                    self._session = await open_remote_training(self.trunk, c.trunk, **kwargs)
                 else:
-                    raise ConfigError(
-                        f"{type(self.trunk).__name__} cannot train: pass a LocalTrunk or a RemoteTrunk."
-                    )
+                    raise ConfigError(f"{type(self.trunk).__name__} cannot train: pass a LocalTrunk or a RemoteTrunk.")
         return self._session
 
     @property
@@ -276,7 +251,9 @@ class SplitTrainer:
         else:  # only d loss / d out: no gradients for the top's weights (the LM head is large)
             (grad,) = torch.autograd.grad(loss * scale, out_leaf)
         if grad is None:
-            raise RuntimeError("the top produced no gradient for the trunk output; is the loss connected to the logits?")
+            raise RuntimeError(
+                "the top produced no gradient for the trunk output; is the loss connected to the logits?"
+            )
         return float(loss.detach()), grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
 
     def _top_loss(self, out: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.training import OptimizerConfig, causal_lm_loss
 from splitlearn_async.training._engine import to_safetensors
 from splitlearn_async.training._lora import ADAPTER_FORMAT
-from tiny_models import left_padded_batch
+from tests.support.tiny_models import left_padded_batch
 
 SPLIT = (2, 4)  # of 6 tiny layers: bottom [0, 2), trunk [2, 4), top [4, 6)
 TRUNK_LAYERS = list(range(*SPLIT))

@@ -1,14 +1,36 @@
-"""A raw session client over grpc.aio, for server tests (the real client is RemoteTrunk)."""
+"""Servers for tests, and a raw session client over grpc.aio (the real client is RemoteTrunk)."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import torch
 
 from splitlearn_async import protocol as proto
+from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig
+
+
+@contextlib.asynccontextmanager
+async def served(trunk: Any, config: ServerConfig | None = None, **fields: Any) -> AsyncIterator[AsyncGRPCComputeServer]:
+    """A started server for ``trunk`` on ``127.0.0.1`` and a free port; stopped on exit.
+
+    Args:
+        trunk: The trunk stage to serve.
+        config: The server's config; or give its ``fields`` as keywords instead.
+    """
+    if config is None:
+        config = ServerConfig(**fields)
+    elif fields:
+        raise TypeError("give either a ServerConfig or its fields, not both")
+    server = AsyncGRPCComputeServer(trunk, "127.0.0.1", 0, config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1.0)
 
 
 def _identity(body: bytes) -> bytes:
@@ -63,16 +85,6 @@ async def unary(chan: grpc.aio.Channel, method: str, body: bytes, token: str | N
     call = chan.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
     reply: bytes = await call(body, metadata=metadata(token))
     return reply
-
-
-async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
-    """Poll ``predicate()`` until true (a bound on test time, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def make_case(batch: int, prompt: int, steps: int, hidden_size: int, seed: int) -> list[tuple[torch.Tensor, ...]]:

@@ -1,0 +1,376 @@
+"""Training messages of the trunk service: split training steps and LoRA adapters.
+
+Methods (all unary; see ``docs/protocol.md``)::
+
+    TrainOpen      open     -> result {training_id, mode, adapter_id, trainable_parameters}
+    TrainForward   forward  -> result {hidden_states, step_id}      (graph kept on the server)
+    Backward       backward -> result {grad_input, optimizer_steps, applied}
+    OptimizerStep  step     -> result {optimizer_steps}
+    TrainSave      save     -> result {mode, adapter_id, weights (bin), optimizer_state (bin or nil)}
+    TrainClose     close    -> result {training_id, closed: true}
+    LoadAdapter    load     -> result {adapter_id, trainable_parameters}
+    DeleteAdapter  delete   -> result {adapter_id, closed: true}
+
+Parsing raises :class:`splitlearn_async.errors.WireError` with a whole sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splitlearn_async.errors import WireError
+from splitlearn_async.wire import Kind, decode_tensor, encode_tensor, field, message_kind, pack, unpack
+
+from .inference import HIDDEN_DTYPES, SERVICE_NAME, TrunkInputs, inputs_message, parse_adapter_id, parse_inputs
+
+__all__ = [
+    "METHOD_TRAIN_OPEN", "METHOD_TRAIN_FORWARD", "METHOD_BACKWARD", "METHOD_OPTIMIZER_STEP",
+    "METHOD_TRAIN_SAVE", "METHOD_TRAIN_CLOSE", "METHOD_LOAD_ADAPTER", "METHOD_DELETE_ADAPTER",
+    "TrainOpenRequest", "BackwardRequest", "build_train_open", "parse_train_open", "build_train_forward",
+    "parse_train_forward", "build_train_forward_result", "parse_train_forward_result", "build_backward",
+    "parse_backward", "build_backward_result", "parse_backward_result", "build_training_call",
+    "parse_training_call", "build_load_adapter", "parse_load_adapter", "build_delete_adapter",
+    "parse_delete_adapter", "build_reply", "parse_reply", "Kind",
+    "build_train_open_result", "build_optimizer_step_result", "build_train_save_result",
+    "build_train_closed", "build_adapter_result",
+]
+
+METHOD_TRAIN_OPEN = f"/{SERVICE_NAME}/TrainOpen"
+METHOD_TRAIN_FORWARD = f"/{SERVICE_NAME}/TrainForward"
+METHOD_BACKWARD = f"/{SERVICE_NAME}/Backward"
+METHOD_OPTIMIZER_STEP = f"/{SERVICE_NAME}/OptimizerStep"
+METHOD_TRAIN_SAVE = f"/{SERVICE_NAME}/TrainSave"
+METHOD_TRAIN_CLOSE = f"/{SERVICE_NAME}/TrainClose"
+METHOD_LOAD_ADAPTER = f"/{SERVICE_NAME}/LoadAdapter"
+METHOD_DELETE_ADAPTER = f"/{SERVICE_NAME}/DeleteAdapter"
+
+#: The largest step id a client may send (ids are positive 63-bit integers).
+MAX_STEP_ID = 2**63 - 1
+
+
+
+def _training_id(msg: Mapping[str, Any]) -> str:
+    value = field(msg, "training_id", str)
+    if not 0 < len(value) <= 64:
+        raise WireError(f"message field 'training_id' has {len(value)} characters; send the id TrainOpen returned.")
+    return value
+
+
+def _blob(msg: Mapping[str, Any], key: str) -> bytes | None:
+    value = field(msg, key, bytes, required=False)
+    return bytes(value) if value is not None else None
+
+
+@dataclass
+class TrainOpenRequest:
+    """A parsed ``TrainOpen`` request.
+
+    Attributes:
+        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+        optimizer: The optimizer settings map (``OptimizerConfig.to_wire``).
+        lora: The adapter settings map (``LoraConfig.to_wire``), or None.
+        adapter_id: Adapter to train (existing) or to create under this name; None = a new name.
+        weights: Safetensors bytes to start from, or None.
+        optimizer_state: Safetensors bytes of an optimizer state to resume, or None.
+    """
+
+    mode: str
+    optimizer: dict[str, Any]
+    lora: dict[str, Any] | None
+    adapter_id: str | None
+    weights: bytes | None
+    optimizer_state: bytes | None
+
+
+def build_train_open(
+    mode: str,
+    optimizer: Mapping[str, Any],
+    lora: Mapping[str, Any] | None = None,
+    *,
+    adapter_id: str | None = None,
+    weights: bytes | None = None,
+    optimizer_state: bytes | None = None,
+) -> bytes:
+    """The body of ``TrainOpen``: what trains on the trunk and with which optimizer.
+
+    Args:
+        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+        optimizer: ``OptimizerConfig.to_wire()``.
+        lora: ``LoraConfig.to_wire()`` for a new adapter (``mode="lora"``).
+        adapter_id: Train this loaded adapter, or create it under this name.
+        weights: Safetensors bytes to start from (adapter, or trunk weights for ``"full"``).
+        optimizer_state: Safetensors bytes of a saved optimizer state.
+
+    Returns:
+        The message body.
+    """
+    msg: dict[str, Any] = {"kind": Kind.OPEN.value, "mode": mode, "optimizer": dict(optimizer)}
+    for key, value in (("lora", dict(lora) if lora is not None else None), ("adapter_id", adapter_id),
+                       ("weights", weights), ("optimizer_state", optimizer_state)):
+        if value is not None:
+            msg[key] = value
+    return pack(msg)
+
+
+def parse_train_open(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> TrainOpenRequest:
+    """Parse a ``TrainOpen`` request (the settings' values are checked by the config classes).
+
+    Raises:
+        WireError: the body is malformed or a field has the wrong type.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    message_kind(msg, expected=Kind.OPEN)
+    mode = field(msg, "mode", str)
+    lora = field(msg, "lora", dict, required=False)
+    return TrainOpenRequest(
+        mode=mode,
+        optimizer=field(msg, "optimizer", dict, required=False, default={}),
+        lora=lora,
+        adapter_id=parse_adapter_id(msg, required=False),
+        weights=_blob(msg, "weights"),
+        optimizer_state=_blob(msg, "optimizer_state"),
+    )
+
+
+def build_train_forward(
+    training_id: str,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    wire_dtype: torch.dtype | None = None,
+    keep_graph: bool = True,
+) -> bytes:
+    """The body of ``TrainForward``: a ``forward`` message plus ``training_id``; arguments as :func:`build_open`.
+
+    ``keep_graph=False`` asks for an evaluation forward: the output as the session trains
+    the trunk (its adapter active), no graph kept, and step id 0 in the reply.
+    """
+    extra: dict[str, Any] = {"training_id": training_id}
+    if not keep_graph:
+        extra["keep_graph"] = False
+    return inputs_message(Kind.FORWARD, hidden_states, attention_mask, position_ids, wire_dtype, extra)
+
+
+def parse_train_forward(
+    body: bytes | bytearray | memoryview,
+    *,
+    hidden_size: int | None = None,
+    max_bytes: int | None = None,
+    max_elements: int | None = None,
+) -> tuple[str, TrunkInputs, bool]:
+    """Parse ``TrainForward``: ``(training_id, inputs, keep_graph)``; checks as :func:`parse_inputs`.
+
+    Raises:
+        WireError: the body or a tensor is malformed, or the training id is missing.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    training_id = _training_id(msg)
+    keep_graph = bool(field(msg, "keep_graph", bool, required=False, default=True))
+    inputs = parse_inputs(msg, hidden_size=hidden_size, expected=Kind.FORWARD, max_elements=max_elements)
+    if not isinstance(inputs, TrunkInputs):  # parse_inputs returns Kind.CLOSE only when 'close' is expected
+        raise WireError("a TrainForward body must be a 'forward' message with hidden states.")
+    return training_id, inputs, keep_graph
+
+
+def build_train_forward_result(hidden_states: torch.Tensor, step_id: int, *, wire_dtype: torch.dtype | None = None) -> bytes:
+    """The reply to ``TrainForward``: the trunk output ``(B, T, H)`` and the step id for ``Backward``."""
+    return pack({
+        "kind": Kind.RESULT.value, "hidden_states": encode_tensor(hidden_states, wire_dtype), "step_id": int(step_id),
+    })
+
+
+def parse_train_forward_result(body: bytes | bytearray | memoryview, *, hidden_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """Parse the reply to ``TrainForward``: ``(hidden_states (B, T, H), step_id)``.
+
+    Raises:
+        WireError: the body is malformed.
+    """
+    msg = unpack(body)
+    message_kind(msg, expected=Kind.RESULT)
+    hidden = decode_tensor(msg.get("hidden_states"), name="hidden_states", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size))
+    return hidden, field(msg, "step_id", int)
+
+
+@dataclass
+class BackwardRequest:
+    """A parsed ``Backward`` request.
+
+    Attributes:
+        training_id: The training session.
+        step_id: The step whose graph to back-propagate through.
+        grad_output: ``(B, T, H)`` gradient w.r.t. that step's trunk output (shape checked by the server).
+        apply: Step the optimizer afterwards.
+    """
+
+    training_id: str
+    step_id: int
+    grad_output: torch.Tensor
+    apply: bool
+
+
+def build_backward(
+    training_id: str, step_id: int, grad_output: torch.Tensor, *, apply: bool = True, wire_dtype: torch.dtype | None = None
+) -> bytes:
+    """The body of ``Backward``.
+
+    Args:
+        training_id: From ``TrainOpen``.
+        step_id: From ``TrainForward``.
+        grad_output: ``(B, T, H)`` gradient of the loss w.r.t. that step's trunk output.
+        apply: Step the trunk's optimizer after accumulating; False only accumulates.
+        wire_dtype: Encode the gradient in this dtype; None keeps its own.
+    """
+    return pack({
+        "kind": Kind.BACKWARD.value, "training_id": training_id, "step_id": int(step_id),
+        "grad_output": encode_tensor(grad_output, wire_dtype), "apply": bool(apply),
+    })
+
+
+def parse_backward(
+    body: bytes | bytearray | memoryview,
+    *,
+    hidden_size: int | None = None,
+    max_bytes: int | None = None,
+    max_elements: int | None = None,
+) -> BackwardRequest:
+    """Parse ``Backward``; the gradient must be a finite ``(B, T, H)`` float tensor.
+
+    Raises:
+        WireError: the body or the gradient is malformed, or the ids are missing.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    message_kind(msg, expected=Kind.BACKWARD)
+    training_id = _training_id(msg)
+    step_id = field(msg, "step_id", int)
+    if not 0 < step_id <= MAX_STEP_ID:
+        raise WireError(f"message field 'step_id' is {step_id}; send the positive id TrainForward returned.")
+    grad = decode_tensor(
+        msg.get("grad_output"), name="grad_output", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size),
+        max_elements=max_elements,
+    )
+    apply = field(msg, "apply", bool, required=False, default=True)
+    return BackwardRequest(training_id, step_id, grad, bool(apply))
+
+
+def build_backward_result(grad_input: torch.Tensor, *, optimizer_steps: int, applied: bool, wire_dtype: torch.dtype | None = None) -> bytes:
+    """The reply to ``Backward``: ``grad_input (B, T, H)`` for the client's bottom stage."""
+    return pack({
+        "kind": Kind.RESULT.value, "grad_input": encode_tensor(grad_input, wire_dtype),
+        "optimizer_steps": int(optimizer_steps), "applied": bool(applied),
+    })
+
+
+def parse_backward_result(body: bytes | bytearray | memoryview, *, hidden_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """Parse the reply to ``Backward``: ``(grad_input (B, T, H), optimizer_steps)``.
+
+    Raises:
+        WireError: the body is malformed.
+    """
+    msg = unpack(body)
+    message_kind(msg, expected=Kind.RESULT)
+    grad = decode_tensor(msg.get("grad_input"), name="grad_input", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size))
+    return grad, field(msg, "optimizer_steps", int)
+
+
+def build_training_call(kind: Kind, training_id: str, **fields: Any) -> bytes:
+    """The body of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``, field ``optimizer``: bool) or ``TrainClose`` (``close``)."""
+    return pack({"kind": kind.value, "training_id": training_id, **fields})
+
+
+def parse_training_call(
+    body: bytes | bytearray | memoryview, expected: Kind, *, max_bytes: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Parse a :func:`build_training_call` body: ``(training_id, message map)``.
+
+    Raises:
+        WireError: the body is malformed, of another kind, or lacks ``training_id``.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    message_kind(msg, expected=expected)
+    return _training_id(msg), msg
+
+
+def build_load_adapter(adapter_id: str, weights: bytes) -> bytes:
+    """The body of ``LoadAdapter``: an adapter's safetensors bytes to load under ``adapter_id``."""
+    return pack({"kind": Kind.LOAD.value, "adapter_id": adapter_id, "weights": weights})
+
+
+def parse_load_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> tuple[str, bytes]:
+    """Parse ``LoadAdapter``: ``(adapter_id, weights)``.
+
+    Raises:
+        WireError: the body is malformed or a field is missing.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    message_kind(msg, expected=Kind.LOAD)
+    adapter_id = parse_adapter_id(msg, required=True)
+    weights = _blob(msg, "weights")
+    if not weights:
+        raise WireError("message field 'weights' is missing; send the adapter's safetensors bytes.")
+    return adapter_id, weights  # type: ignore[return-value]
+
+
+def build_delete_adapter(adapter_id: str) -> bytes:
+    """The body of ``DeleteAdapter``."""
+    return pack({"kind": Kind.DELETE.value, "adapter_id": adapter_id})
+
+
+def parse_delete_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> str:
+    """Parse ``DeleteAdapter``: the adapter id.
+
+    Raises:
+        WireError: the body is malformed or lacks ``adapter_id``.
+    """
+    msg = unpack(body, max_bytes=max_bytes)
+    message_kind(msg, expected=Kind.DELETE)
+    return parse_adapter_id(msg, required=True)  # type: ignore[return-value]
+
+
+def build_reply(**fields: Any) -> bytes:
+    """A ``result`` reply with plain fields (ids, counts, bytes); fields that are None are left out."""
+    return pack({"kind": Kind.RESULT.value, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def build_train_open_result(training_id: str, mode: str, adapter_id: str | None, trainable_parameters: int) -> bytes:
+    """The reply to ``TrainOpen``: the session's id, what it trains, and how many elements."""
+    return build_reply(
+        training_id=training_id, mode=mode, adapter_id=adapter_id, trainable_parameters=int(trainable_parameters)
+    )
+
+
+def build_optimizer_step_result(optimizer_steps: int) -> bytes:
+    """The reply to ``OptimizerStep``: optimizer steps taken so far by the session."""
+    return build_reply(optimizer_steps=int(optimizer_steps))
+
+
+def build_train_save_result(mode: str, adapter_id: str | None, weights: bytes, optimizer_state: bytes | None) -> bytes:
+    """The reply to ``TrainSave``: the trained weights and the optimizer state, as safetensors bytes."""
+    return build_reply(mode=mode, adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state)
+
+
+def build_train_closed(training_id: str) -> bytes:
+    """The reply to ``TrainClose``."""
+    return build_reply(training_id=training_id, closed=True)
+
+
+def build_adapter_result(adapter_id: str, *, trainable_parameters: int | None = None, closed: bool = False) -> bytes:
+    """The reply to ``LoadAdapter`` (with the adapter's element count) or ``DeleteAdapter`` (``closed``)."""
+    return build_reply(
+        adapter_id=adapter_id, trainable_parameters=trainable_parameters, closed=True if closed else None
+    )
+
+
+def parse_reply(body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse a plain ``result`` reply into a dict.
+
+    Raises:
+        WireError: the body is malformed or not a ``result``.
+    """
+    msg = unpack(body)
+    message_kind(msg, expected=Kind.RESULT)
+    return msg

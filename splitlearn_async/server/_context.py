@@ -1,0 +1,79 @@
+"""What the server's services share: the trunk, its worker, the books, the limits, admission.
+
+:class:`ServerContext` is the one object the inference and training services reach the
+server through; neither reaches into the other, nor into :class:`AsyncGRPCComputeServer`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from splitlearn_async.errors import TrunkUnavailable, Unauthenticated
+from splitlearn_async.worker import StageWorker
+
+from ._config import ServerConfig
+from ._metrics import NullMetrics
+from ._sessions import SessionStore
+
+__all__ = ["ServerContext"]
+
+
+@dataclass
+class ServerContext:
+    """The server's state that its services share.
+
+    Attributes:
+        trunk: The :class:`~splitlearn_async.models.stages.TrunkStage` served.
+        config: The server's limits and options.
+        worker: The one torch worker thread.
+        store: The inference sessions' books.
+        hidden_size: The trunk's hidden size ``H``: every tensor on the wire is ``(B, T, H)``.
+        reply_dtype: The dtype of hidden states in replies; None answers in the request's dtype.
+        max_elements: Largest element count of a tensor in a request (None: the body limit only).
+        metrics: Where the services report latencies and batch sizes (Prometheus when on).
+        stopping: True once the server began to stop.
+    """
+
+    trunk: Any
+    config: ServerConfig
+    worker: StageWorker
+    store: SessionStore
+    hidden_size: int
+    reply_dtype: torch.dtype | None = None
+    max_elements: int | None = None
+    metrics: NullMetrics = field(default_factory=NullMetrics)
+    stopping: bool = False
+
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Check that a call may start: the bearer token (if one is configured), and not stopping.
+
+        Raises:
+            Unauthenticated: the call lacks the configured bearer token, or carries a wrong one.
+            TrunkUnavailable: the server is shutting down.
+        """
+        token = self.config.auth_token
+        if token is not None:
+            given = _authorization(context.invocation_metadata() or ())
+            scheme, _, presented = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+                reason = "lacks the metadata 'authorization: Bearer <token>'" if not given else "carries a wrong bearer token"
+                raise Unauthenticated(f"this server requires a bearer token and the call {reason}.")
+        if self.stopping:
+            raise TrunkUnavailable("the server is shutting down; retry on another server or later.")
+
+    def reply_dtype_for(self, request: torch.Tensor) -> torch.dtype:
+        """The dtype of the reply to a request carrying ``request``."""
+        return self.reply_dtype or request.dtype
+
+
+def _authorization(metadata: Any) -> str:
+    for key, value in metadata:
+        if key.lower() == "authorization":
+            return value if isinstance(value, str) else bytes(value).decode("latin-1")
+    return ""
+

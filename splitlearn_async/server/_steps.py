@@ -1,0 +1,96 @@
+"""Session steps of many sessions as one trunk call, on the server's worker thread.
+
+:class:`StepWork` is one session's message (or one chunk of a long prompt) waiting on the
+worker; :func:`compute_batch` runs the waiting works of one batch key as one trunk call:
+linear layers and MLPs over all rows at once, attention per session on its own KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitlearn_async import protocol as proto
+from splitlearn_async.errors import TrunkRejected
+from splitlearn_async.models.stages import run_stage_batched
+
+from ._metrics import NullMetrics
+from ._sessions import Session
+
+__all__ = ["StepWork", "chunk_bounds", "compute_batch"]
+
+
+@dataclass
+class StepWork:
+    """One session's message (or chunk of it) waiting for a batched trunk call.
+
+    Attributes:
+        hidden: ``(B, T, H)`` hidden states of the new tokens, wire dtype.
+        mask: ``(B, T)`` validity of the new tokens.
+        positions: ``(B, T)`` their position ids.
+        session: The session.
+        cache: The session's KV cache, taken when the work was queued; it advances by ``T`` columns.
+        reply_dtype: dtype of the hidden states in the reply.
+        earlier: Outputs ``(B, t, H)`` of the message's earlier chunks, joined into the reply.
+        last: True for a message's last chunk: the result is the encoded reply.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    session: Session
+    cache: Any
+    reply_dtype: torch.dtype
+    earlier: list[torch.Tensor] = field(default_factory=list)
+    last: bool = True
+
+
+def chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` cutting ``length`` tokens into chunks of at most ``chunk`` (None: one)."""
+    if chunk is None or length <= chunk:
+        return [(0, length)]
+    return [(a, min(length, a + chunk)) for a in range(0, length, chunk)]
+
+
+def compute_batch(trunk: Any, works: list[StepWork], metrics: NullMetrics) -> list[bytes | torch.Tensor | Exception]:
+    """(worker) One trunk call for the steps of several sessions; one result per step.
+
+    A step whose output is not finite, or whose reply cannot be encoded, gets its
+    exception as its result; the others their reply: a bytes body for a message's last
+    chunk, the ``(B, T, H)`` output otherwise. Raises only if the trunk call itself
+    failed, and then no cache has advanced.
+    """
+    calls = [(w.hidden, w.mask, w.positions, w.cache) for w in works]
+    outs = run_stage_batched(trunk, calls)  # each (B_i, T, H), model dtype, CPU
+    metrics.observe_batch(sum(int(w.hidden.shape[0]) for w in works))
+    # from here on nothing may raise: the caches have advanced, a retry would advance them twice
+    results: list[bytes | torch.Tensor | Exception] = []
+    for work, out in zip(works, outs):
+        try:
+            results.append(_finish_step(work, out))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _finish_step(work: StepWork, out: torch.Tensor) -> bytes | torch.Tensor:
+    """(worker) One session's part of a batched call: the reply body, or the chunk's output.
+
+    Raises:
+        TrunkRejected: the output holds NaN or infinite values.
+        WireError: the reply cannot be encoded.
+    """
+    # the cache captured at submission: the stream may close the session meanwhile
+    work.session.cache_bytes = work.cache.nbytes()
+    if not bool(torch.isfinite(out).all()):
+        raise TrunkRejected(
+            "the trunk's output holds NaN or infinite values for this input; check the hidden states sent."
+        )
+    if not work.last:
+        return out
+    full = torch.cat([*work.earlier, out], dim=1) if work.earlier else out  # (B, T, H)
+    return proto.build_result(
+        full, session_id=work.session.session_id, length=work.cache.length, wire_dtype=work.reply_dtype
+    )

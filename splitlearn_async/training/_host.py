@@ -1,0 +1,524 @@
+"""The one home of split training's rules on the trunk's side, for the server and LocalTrunk.
+
+A :class:`TrainingHost` owns a trunk's training sessions, the graphs they keep between a
+forward and its backward, and the trunk's LoRA adapters. It decides, in one place, what
+may open (modes, full-trunk exclusivity, an adapter trained by one session at a time),
+what a forward, backward, optimizer step, save or close needs first, and every cap
+(:class:`TrainingLimits`). It raises errors of our tree only, so the gRPC server answers
+them through the one status table and ``LocalTrunk`` raises them as they are.
+
+Torch work goes through ``run``, which runs a function on the trunk's torch worker
+thread (``StageWorker.run``); the books (sessions, kept graphs, adapters) are kept on
+the event loop, between those calls. Replies can be built on the worker too: pass
+``build``, e.g. a protocol builder that encodes the output for the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from ..errors import ConfigError, PreconditionFailed, SessionNotFound, SplitLearnError, TrunkBusy, TrunkRejected
+from ._adapters import AdapterRegistry, create_adapter
+from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, check_adapter_id
+from ._engine import TrunkTrainer, serialize_state
+from ._lora import LoraAdapter
+from ._pending import PendingSteps, StepGraph
+from ._safetensors import from_safetensors
+from ._state import TrunkState
+
+__all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Runner(Protocol):
+    """Runs ``fn(*args)`` on the trunk's torch worker thread: ``StageWorker.run``."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """The caps of training on one trunk (the server takes them from its ``ServerConfig``).
+
+    Attributes:
+        allow_full_training: Whether ``mode="full"`` sessions may open (they change the
+            weights every inference session is served with).
+        max_training_sessions: Most training sessions open at once.
+        max_pending_steps: Most forwards kept waiting for their backward, over all sessions.
+        pending_step_ttl_s: Seconds a forward's graph is kept without a backward.
+        max_adapters: Most LoRA adapters loaded at once.
+        session_ttl_s: Seconds a training session may stay idle before :meth:`TrainingHost.sweep`
+            closes it.
+    """
+
+    allow_full_training: bool = True
+    max_training_sessions: int = 16
+    max_pending_steps: int = 8
+    pending_step_ttl_s: float = 300.0
+    max_adapters: int = 64
+    session_ttl_s: float = math.inf
+
+
+@dataclass(eq=False)
+class TrainingEntry:
+    """One open training session.
+
+    Attributes:
+        training_id: Its id (random, so that other clients cannot guess it).
+        trainer: The :class:`TrunkTrainer` (used on the worker only).
+        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+        adapter_id: The trained adapter's name (LoRA only).
+        last_used_s: Clock time of the last call.
+        busy: Calls of this session in progress (the sweep leaves it alone while > 0).
+    """
+
+    training_id: str
+    trainer: TrunkTrainer
+    mode: str
+    adapter_id: str | None
+    last_used_s: float
+    busy: int = 0
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Elements the trunk's optimizer updates for this session."""
+        return self.trainer.num_trainable
+
+
+def _identity(tensor: torch.Tensor, _: int) -> torch.Tensor:
+    return tensor
+
+
+class TrainingHost:
+    """Training sessions, kept graphs and adapters of one trunk, under one set of rules.
+
+    Args:
+        trunk: The :class:`~splitlearn_async.models.stages.TrunkStage` (shared with inference).
+        run: Runs a function on the trunk's torch worker thread (``StageWorker.run``).
+        limits: The caps.
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        trunk: Any,
+        run: Runner,
+        limits: TrainingLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.trunk = trunk
+        self.limits = limits or TrainingLimits()
+        self._run = run
+        self._clock = clock
+        self.adapters = AdapterRegistry(self.limits.max_adapters)
+        self.pending = PendingSteps(self.limits.max_pending_steps, self.limits.pending_step_ttl_s, clock)
+        self.sessions: dict[str, TrainingEntry] = {}
+
+    # --- opening and closing -----------------------------------------------------------------
+
+    async def open(
+        self,
+        mode: str = "lora",
+        *,
+        lora: LoraConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        adapter_id: str | None = None,
+        weights: bytes | None = None,
+        optimizer_state: bytes | None = None,
+    ) -> TrainingEntry:
+        """Open a training session (and create its adapter, for a new LoRA one).
+
+        Args:
+            mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+            lora: Settings of a new adapter; default ``LoraConfig()``.
+            optimizer: The trunk optimizer's settings; default ``OptimizerConfig()``.
+            adapter_id: Train the loaded adapter of this name, or create it under this name.
+            weights: Safetensors bytes to start from (an adapter, or trunk weights for ``"full"``).
+            optimizer_state: Safetensors bytes of a saved optimizer state to resume.
+
+        Returns:
+            The session's :class:`TrainingEntry`.
+
+        Raises:
+            ConfigError: an unknown mode, a malformed adapter name, or a name with a mode other than LoRA.
+            PreconditionFailed: full training is not allowed, or would run beside other sessions,
+                or the adapter is being trained by another session.
+            TrunkBusy: too many sessions or adapters.
+            CheckpointError: ``weights`` or ``optimizer_state`` do not fit this trunk.
+        """
+        if mode not in TRUNK_MODES:
+            raise ConfigError(f"mode must be one of {', '.join(TRUNK_MODES)}, got {mode!r}.")
+        check_adapter_id(adapter_id, "adapter_id", allow_none=True)
+        if mode != "lora" and adapter_id is not None:
+            raise ConfigError(f"adapter_id={adapter_id!r} is only meaningful for mode 'lora', not {mode!r}.")
+        self._check_can_open(mode, adapter_id)
+        adapter, created = await self._adapter_for(mode, adapter_id, lora or LoraConfig(), weights)
+        try:
+            trainer = await self._call(TrunkTrainer, self.trunk, mode, optimizer or OptimizerConfig(), adapter)
+            if weights and not created:  # a new adapter was built from them already
+                tensors, _ = await self._call(from_safetensors, weights)
+                await self._call(trainer.load_weights, tensors)
+            if optimizer_state:
+                tensors, meta = await self._call(from_safetensors, optimizer_state)
+                await self._call(trainer.load_optimizer_state, tensors, meta)
+            self._check_can_open(mode, adapter_id if created else None)  # others may have opened meanwhile
+        except BaseException:
+            if created and adapter is not None:
+                self.adapters.adapters.pop(adapter.adapter_id, None)
+            raise
+        entry = TrainingEntry(
+            secrets.token_hex(12), trainer, mode, adapter.adapter_id if adapter else None, self._clock()
+        )
+        self.sessions[entry.training_id] = entry
+        logger.info("training session %s opened (%s, %d trainable)", entry.training_id, mode, trainer.num_trainable)
+        return entry
+
+    def _check_can_open(self, mode: str, adapter_id: str | None) -> None:
+        if mode == "full" and not self.limits.allow_full_training:
+            raise PreconditionFailed(
+                "this server does not allow full-trunk training (it would change the weights every session "
+                "is served with); train LoRA adapters instead, or start the server with allow_full_training=True."
+            )
+        if len(self.sessions) >= self.limits.max_training_sessions:
+            raise TrunkBusy(
+                f"{len(self.sessions)} training sessions are open (max_training_sessions="
+                f"{self.limits.max_training_sessions}); close one or try again later."
+            )
+        full_open = any(e.mode == "full" for e in self.sessions.values())
+        if full_open or (mode == "full" and self.sessions):
+            raise PreconditionFailed(
+                "a full-trunk training session cannot run beside other training sessions (its optimizer "
+                "changes the weights their kept graphs hold); close the other sessions first."
+            )
+        if adapter_id is not None and self._trained_by(adapter_id):
+            raise PreconditionFailed(
+                f"adapter {adapter_id!r} is being trained by another training session; close it first."
+            )
+
+    async def _adapter_for(
+        self, mode: str, adapter_id: str | None, lora: LoraConfig, weights: bytes | None
+    ) -> tuple[LoraAdapter | None, bool]:
+        """The adapter a LoRA session trains: the loaded one of that name, or a new one (from ``weights``)."""
+        if mode != "lora":
+            return None, False
+        if adapter_id is not None and adapter_id in self.adapters.adapters:
+            return self.adapters.adapters[adapter_id], False
+        adapter_id = adapter_id or self.adapters.new_id()
+        self.adapters.check_room(adapter_id)
+        adapter = await self._call(create_adapter, self.trunk, lora, adapter_id, weights)
+        self.adapters.check_room(adapter_id)  # a concurrent call may have taken the name
+        self.adapters.adapters[adapter_id] = adapter
+        return adapter, True
+
+    def close(self, training_id: str) -> bool:
+        """Close a session: free its kept graphs and optimizer; its adapter stays loaded.
+
+        Returns:
+            False if the session was not open (closing is idempotent).
+        """
+        if self.sessions.pop(training_id, None) is None:
+            return False
+        freed = self.pending.drop_owner(training_id)
+        logger.info("training session %s closed (%d kept graphs freed)", training_id, freed)
+        return True
+
+    def entry(self, training_id: str) -> TrainingEntry:
+        """The open session ``training_id``.
+
+        Raises:
+            SessionNotFound: it was never opened, was closed, or expired.
+        """
+        entry = self.sessions.get(training_id)
+        if entry is None:
+            ttl = self.limits.session_ttl_s
+            expiry = f", or expired after {ttl} s idle" if math.isfinite(ttl) else ""
+            raise SessionNotFound(
+                f"training session {training_id[:64]} is unknown: it was never opened, was closed{expiry}; "
+                "open a new one."
+            )
+        return entry
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def forward(
+        self,
+        training_id: str,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        *,
+        keep_graph: bool = True,
+        build: Callable[[torch.Tensor, int], R] = _identity,  # type: ignore[assignment]
+    ) -> tuple[R, int]:
+        """Run the trunk on ``hidden (B, T, H)`` as the session trains it.
+
+        Args:
+            training_id: The session.
+            hidden: ``(B, T, H)`` bottom output.
+            attention_mask: ``(B, T)`` validity of the tokens, or None.
+            position_ids: ``(B, T)`` positions, or None.
+            keep_graph: Keep the autograd graph for a backward; False evaluates (step id 0).
+            build: Called on the worker with ``(output (B, T, H), step_id)``; its result is
+                returned (e.g. the encoded reply). By default the output itself.
+
+        Returns:
+            ``(build(output, step_id), step_id)``.
+
+        Raises:
+            SessionNotFound: the session is unknown, or was closed during the forward.
+            TrunkBusy: ``max_pending_steps`` graphs are kept already.
+            TrunkRejected: the trunk refused the input (shapes, NaN or infinite output).
+        """
+        entry = self.entry(training_id)
+        if not keep_graph:
+            with self._busy(entry):
+                result = await self._call(_evaluate, entry.trainer, hidden, attention_mask, position_ids, build)
+            return result, 0
+        self.pending.expire()
+        self.pending.check_room()
+        step_id = self.pending.reserve()
+        with self._busy(entry):
+            result, graph = await self._call(
+                _forward, entry.trainer, hidden, attention_mask, position_ids, build, step_id
+            )
+        if self.sessions.get(training_id) is not entry:
+            graph.release()
+            raise SessionNotFound(f"training session {training_id} was closed during this forward.")
+        try:
+            self.pending.add(training_id, graph, step_id)
+        except SplitLearnError:
+            graph.release()
+            raise
+        return result, step_id
+
+    async def backward(
+        self,
+        training_id: str,
+        step_id: int,
+        grad_output: torch.Tensor,
+        *,
+        apply: bool = True,
+        build: Callable[[torch.Tensor, int], R] = _identity,  # type: ignore[assignment]
+    ) -> R:
+        """Back-propagate ``grad_output (B, T, H)`` through step ``step_id``'s kept graph.
+
+        Args:
+            training_id: The session.
+            step_id: From :meth:`forward`; each step takes one backward.
+            grad_output: Gradient of the loss w.r.t. that step's trunk output.
+            apply: Step the optimizer afterwards; False only accumulates.
+            build: Called on the worker with ``(grad_input (B, T, H), optimizer_steps)``; its
+                result is returned. By default the gradient itself.
+
+        Raises:
+            SessionNotFound: the session is unknown.
+            StepNotFound: the step is unknown, used or expired.
+            TrunkRejected: the gradient's shape differs from the output's, or its values are not finite.
+            PreconditionFailed: ``apply`` while other steps of the session wait for their backward.
+        """
+        entry = self.entry(training_id)
+        graph = self.pending.get(training_id, step_id)
+        if tuple(grad_output.shape) != graph.shape:
+            raise TrunkRejected(
+                f"grad_output has shape {list(grad_output.shape)} but the trunk output of step {step_id} has "
+                f"shape {list(graph.shape)}; send the gradient of the loss w.r.t. that output."
+            )
+        others = len(self.pending.of_owner(training_id)) - 1
+        if apply and others:
+            raise PreconditionFailed(_apply_blocked(others, "other "))
+        self.pending.pop(training_id, step_id)
+        with self._busy(entry):
+            return await self._call(_backward, entry.trainer, graph, grad_output, apply, build)
+
+    async def optimizer_step(self, training_id: str) -> int:
+        """Apply the gradients accumulated by ``backward(apply=False)``; returns optimizer steps so far.
+
+        Raises:
+            SessionNotFound: the session is unknown.
+            PreconditionFailed: steps of the session still wait for their backward.
+        """
+        entry = self.entry(training_id)
+        waiting = len(self.pending.of_owner(training_id))
+        if waiting:
+            raise PreconditionFailed(_apply_blocked(waiting, ""))
+        with self._busy(entry):
+            return await self._call(entry.trainer.optimizer_step)
+
+    async def save(self, training_id: str, *, optimizer: bool = True) -> TrunkState:
+        """The session's trained weights (and optimizer state) as safetensors bytes.
+
+        Raises:
+            SessionNotFound: the session is unknown.
+        """
+        entry = self.entry(training_id)
+        with self._busy(entry):
+            weights, opt = await self._call(serialize_state, entry.trainer, optimizer)
+        return TrunkState(entry.mode, weights, opt, entry.adapter_id)
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def adapter(self, adapter_id: str) -> LoraAdapter:
+        """The loaded adapter ``adapter_id``.
+
+        Raises:
+            AdapterNotFound: no adapter of that name is loaded.
+        """
+        return self.adapters.get(adapter_id)
+
+    async def load_adapter(self, adapter_id: str, weights: bytes) -> LoraAdapter:
+        """Load a saved adapter (safetensors bytes) under ``adapter_id``.
+
+        Raises:
+            ConfigError: the name is malformed.
+            AlreadyExists: an adapter of that name is loaded.
+            TrunkBusy: ``max_adapters`` adapters are loaded.
+            CheckpointError: the bytes are not an adapter that fits this trunk.
+        """
+        check_adapter_id(adapter_id)
+        self.adapters.check_room(adapter_id)
+        adapter = await self._call(_adapter_from_bytes, self.trunk, weights, adapter_id)
+        self.adapters.check_room(adapter_id)  # a concurrent call may have loaded the name meanwhile
+        self.adapters.adapters[adapter_id] = adapter
+        return adapter
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        """Unload an adapter (inference sessions already using it keep it).
+
+        Raises:
+            AdapterNotFound: no adapter of that name is loaded.
+            PreconditionFailed: a training session is training it.
+        """
+        self.adapters.get(adapter_id)
+        if self._trained_by(adapter_id):
+            raise PreconditionFailed(
+                f"adapter {adapter_id!r} is being trained; close its training session first."
+            )
+        del self.adapters.adapters[adapter_id]
+
+    def _trained_by(self, adapter_id: str) -> TrainingEntry | None:
+        return next((e for e in self.sessions.values() if e.adapter_id == adapter_id), None)
+
+    # --- upkeep ------------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Free graphs older than ``pending_step_ttl_s`` and sessions idle for ``session_ttl_s``."""
+        self.pending.expire()
+        now = self._clock()
+        for entry in list(self.sessions.values()):
+            if entry.busy == 0 and now - entry.last_used_s > self.limits.session_ttl_s:
+                logger.info("training session %s expired after %.1f s idle", entry.training_id, now - entry.last_used_s)
+                self.close(entry.training_id)
+
+    def clear(self) -> None:
+        """Close every session and free every kept graph (adapters stay)."""
+        self.pending.clear()
+        self.sessions.clear()
+
+    @property
+    def pending_steps(self) -> int:
+        """Forwards waiting for their backward, over all sessions."""
+        return len(self.pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of activations kept by those forwards' graphs."""
+        return self.pending.nbytes
+
+    def info(self) -> dict[str, Any]:
+        """The training fields of the server's ``Info``."""
+        return {
+            "training": True,
+            "allow_full_training": self.limits.allow_full_training,
+            "max_pending_steps": self.limits.max_pending_steps,
+            "pending_step_ttl_s": float(self.limits.pending_step_ttl_s),
+            "adapters": sorted(self.adapters.adapters),
+        }
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the worker; an input the trunk refuses becomes :class:`TrunkRejected`."""
+        try:
+            return await self._run(fn, *args)
+        except SplitLearnError:
+            raise
+        except ValueError as exc:  # torch-level refusal: shapes, NaN or infinite values
+            raise TrunkRejected(str(exc).rstrip(".") + ".") from exc
+
+    def _busy(self, entry: TrainingEntry) -> _Busy:
+        return _Busy(entry, self._clock)
+
+
+class _Busy:
+    """Marks a session busy during a call and records its last use afterwards."""
+
+    def __init__(self, entry: TrainingEntry, clock: Callable[[], float]) -> None:
+        self.entry = entry
+        self.clock = clock
+
+    def __enter__(self) -> None:
+        self.entry.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.entry.busy -= 1
+        self.entry.last_used_s = self.clock()
+
+
+def _apply_blocked(count: int, other: str) -> str:
+    return (
+        f"the optimizer cannot step while {count} {other}step(s) of this training session wait for their "
+        "backward (their graphs hold the current weights); run their backward with apply=False first."
+    )
+
+
+# --- work run on the torch worker thread --------------------------------------------------------
+
+
+def _forward(
+    trainer: TrunkTrainer,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    build: Callable[[torch.Tensor, int], R],
+    step_id: int,
+) -> tuple[R, StepGraph]:
+    out, graph = trainer.forward(hidden, mask, positions)  # (B, T, H)
+    try:
+        return build(out, step_id), graph
+    except BaseException:
+        graph.release()
+        raise
+
+
+def _evaluate(
+    trainer: TrunkTrainer,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    build: Callable[[torch.Tensor, int], R],
+) -> R:
+    return build(trainer.evaluate(hidden, mask, positions), 0)  # (B, T, H)
+
+
+def _backward(
+    trainer: TrunkTrainer, graph: StepGraph, grad: torch.Tensor, apply: bool, build: Callable[[torch.Tensor, int], R]
+) -> R:
+    grad_in = trainer.backward(graph, grad, apply)  # (B, T, H)
+    return build(grad_in, trainer.optimizer_steps)
+
+
+def _adapter_from_bytes(trunk: Any, weights: bytes, adapter_id: str) -> LoraAdapter:
+    tensors, meta = from_safetensors(weights)
+    return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: tiny models, raw gRPC calls, training references, waiting."""
