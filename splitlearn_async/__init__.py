@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -75,24 +75,27 @@ _EXPORTS: dict[str, str] = {
     "ClientClosed": "splitlearn_async.errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 (the lazy names, listed once above)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .errors import *  # noqa: F401,F403
+    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, SplitTrainer, StreamChunk, TrunkSession  # noqa: F401
+    from .errors import *  # noqa: F403
     from .models.bundle import save_stages  # noqa: F401
     from .models.cache import KVCache  # noqa: F401
+    from .models.decoding import SamplingConfig  # noqa: F401
     from .models.default import default_bundle  # noqa: F401
     from .models.factory import ModelFactory  # noqa: F401
     from .models.families import supported_model_types  # noqa: F401
     from .models.loading import load_stages  # noqa: F401
     from .models.positions import prompt_positions  # noqa: F401
-    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, SplitTrainer, StreamChunk, TrunkSession  # noqa: F401
-    from .models.decoding import SamplingConfig  # noqa: F401
+    from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
+    from .server import (  # noqa: F401
+        AsyncGRPCComputeServer,
+        ServerConfig,
+        ServerProcess,
+    )
     from .training import LoraConfig, OptimizerConfig, TrainingConfig, merge_adapter  # noqa: F401
     from .worker import StageWorker  # noqa: F401
-    from .server import AsyncGRPCComputeServer, ServerConfig  # noqa: F401
-    from .server import ServerProcess  # noqa: F401
-    from .models.stages import BottomStage, SplitStages, TopStage, TrunkStage, split_model  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -13,11 +13,12 @@ import asyncio
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _split_arg(text: str) -> tuple[int, int]:
@@ -87,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     generate.add_argument("--token", default=None, help="bearer token of the server")
     generate.add_argument("--tls-root-cert", default=None, help="PEM root certificate to trust (turns TLS on)")
-    generate.add_argument("--wire-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                          help="dtype of hidden states on the wire (default: the model's, exact)")
+    generate.add_argument(
+        "--wire-dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of hidden states on the wire (default: the model's, exact)",
+    )
     _add_generation_arguments(generate, max_new_tokens=128)
     return parser
 
@@ -131,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {args.command!r}")
+    parser.print_usage(sys.stderr)
+    print(f"splitlearn: error: unknown command {args.command!r}", file=sys.stderr)
     return 2
 
 
@@ -193,6 +199,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.Namespace, client_config: Any) -> None:
     """Load bottom and top, stream the answer from the trunk at ``address``, print tokens/s."""
     from .client import RemoteTrunk, SplitPipeline
+    from .errors import MissingPartError
     from .models.default import load_tokenizer
     from .models.loading import load_stages
 
@@ -201,18 +208,27 @@ async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.
 
     torch.set_num_threads(1)  # no OpenMP team on this thread: it would throttle the worker's (see worker.py)
     stages = load_stages(bundle, parts=("bottom", "top"))
+    if stages.bottom is None or stages.top is None:  # pragma: no cover (load_stages raises MissingPartError first)
+        raise MissingPartError(f"{bundle} lacks the bottom or the top part the client needs.")
     shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-    async with RemoteTrunk(address, client_config) as trunk, SplitPipeline(
-        stages.bottom, trunk, stages.top, tokenizer=tokenizer
-    ) as pipeline:
+    async with (
+        RemoteTrunk(address, client_config) as trunk,
+        SplitPipeline(stages.bottom, trunk, stages.top, tokenizer=tokenizer) as pipeline,
+    ):
         ids, mask = pipeline.encode(prompt)
         print(f"user: {shown}\nassistant: ", end="", flush=True)
         started = time.perf_counter()
         first: float | None = None
         count = 0
         async for chunk in pipeline.stream(
-            ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            ids,
+            mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
         ):
             first = first if first is not None else time.perf_counter() - started
             count += 1  # one generated token per step (the final eos included)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ClientClosed
-from ..training import TrainingHost, TrunkState
+from ..training import TrainingHost, TrunkState, output
 
 __all__ = ["LocalTrainingSession", "TrainingSession", "TrunkState"]
 
@@ -135,18 +135,20 @@ class LocalTrainingSession(TrainingSession):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         self._check("run a training forward")
-        return await self._host.forward(self.training_id, hidden, attention_mask, position_ids)  # (B, T, H), step id
+        return await self._host.forward(self.training_id, hidden, attention_mask, position_ids, build=output)
 
     async def evaluate(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         self._check("run an evaluation forward")
-        out, _ = await self._host.forward(self.training_id, hidden, attention_mask, position_ids, keep_graph=False)
+        out, _ = await self._host.forward(
+            self.training_id, hidden, attention_mask, position_ids, build=output, keep_graph=False
+        )
         return out  # (B, T, H)
 
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         self._check("run a backward")
-        return await self._host.backward(self.training_id, step_id, grad_output, apply=apply)  # (B, T, H)
+        return await self._host.backward(self.training_id, step_id, grad_output, build=output, apply=apply)
 
     async def optimizer_step(self) -> int:
         self._check("step the optimizer")

@@ -22,7 +22,7 @@ from ..training import LoraConfig, OptimizerConfig, TrainingHost, TrainingLimits
 from ..worker import StageWorker
 from ._training import LocalTrainingSession
 
-__all__ = ["TrunkSession", "LocalTrunk", "LocalTrunkSession"]
+__all__ = ["LocalTrunk", "LocalTrunkSession", "TrunkSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TrunkSession:
         """Close the session and free its cache (idempotent)."""
         raise NotImplementedError
 
-    async def __aenter__(self) -> "TrunkSession":
+    async def __aenter__(self) -> TrunkSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,7 +103,7 @@ class LocalTrunk:
         worker = await self._ensure_worker()
         return await worker.run(fn, *args)
 
-    async def open_session(self, adapter_id: str | None = None) -> "LocalTrunkSession":
+    async def open_session(self, adapter_id: str | None = None) -> LocalTrunkSession:
         """Open a session; its KV cache is created by the first ``forward``.
 
         Args:
@@ -153,7 +153,12 @@ class LocalTrunk:
         if self._closed:
             raise ClientClosed("Cannot open a training session, as the LocalTrunk has been closed.")
         entry = await self.training.open(
-            mode, lora=lora, optimizer=optimizer, adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state
+            mode,
+            lora=lora,
+            optimizer=optimizer,
+            adapter_id=adapter_id,
+            weights=weights,
+            optimizer_state=optimizer_state,
         )
         session = LocalTrainingSession(self.training, entry.training_id, self._training.discard)
         self._training.add(session)
@@ -229,7 +234,7 @@ class LocalTrunk:
         if self._owns_worker and self._worker is not None:
             await self._worker.stop()
 
-    async def __aenter__(self) -> "LocalTrunk":
+    async def __aenter__(self) -> LocalTrunk:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

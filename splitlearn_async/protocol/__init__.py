@@ -15,4 +15,4 @@ from .inference import __all__ as _inference_all
 from .training import *  # noqa: F403
 from .training import __all__ as _training_all
 
-__all__ = [*_inference_all, *_training_all]
+__all__ = [*_inference_all, *_training_all]  # noqa: PLE0604 (each module lists its own names)

@@ -26,29 +26,29 @@ from splitlearn_async.errors import WireError
 from splitlearn_async.wire import Kind, decode_tensor, encode_tensor, field, message_kind, pack, unpack
 
 __all__ = [
-    "SERVICE_NAME",
-    "METHOD_SESSION",
-    "METHOD_FORWARD",
-    "METHOD_INFO",
     "HIDDEN_DTYPES",
     "MASK_DTYPES",
-    "POSITION_DTYPES",
     "MAX_POSITION",
+    "METHOD_FORWARD",
+    "METHOD_INFO",
+    "METHOD_SESSION",
+    "POSITION_DTYPES",
+    "SERVICE_NAME",
     "TrunkInputs",
-    "inputs_message",
     "TrunkResult",
-    "build_open",
-    "build_step",
     "build_close",
-    "build_forward",
-    "build_info_request",
-    "build_result",
     "build_closed",
+    "build_forward",
     "build_info",
+    "build_info_request",
+    "build_open",
+    "build_result",
+    "build_step",
+    "inputs_message",
+    "parse_adapter_id",
+    "parse_info",
     "parse_inputs",
     "parse_result",
-    "parse_info",
-    "parse_adapter_id",
 ]
 
 #: The gRPC service name; methods are ``/splitlearn.Trunk/<Method>``.
@@ -259,14 +259,15 @@ def parse_inputs(
     if kind is Kind.CLOSE:
         return kind
     hidden = decode_tensor(
-        msg.get("hidden_states"), name="hidden_states", dtypes=HIDDEN_DTYPES,
-        shape=(None, None, hidden_size), max_elements=max_elements,
+        msg.get("hidden_states"),
+        name="hidden_states",
+        dtypes=HIDDEN_DTYPES,
+        shape=(None, None, hidden_size),
+        max_elements=max_elements,
     )
     batch, length, _ = hidden.shape
     if batch < 1 or length < 1:
-        raise WireError(
-            f"hidden_states has shape {list(hidden.shape)}; it needs at least one row and one token."
-        )
+        raise WireError(f"hidden_states has shape {list(hidden.shape)}; it needs at least one row and one token.")
     mask = decode_tensor(msg.get("attention_mask"), name="attention_mask", dtypes=MASK_DTYPES, shape=(batch, None))
     if mask.shape[1] < length:
         raise WireError(

@@ -28,15 +28,40 @@ from splitlearn_async.wire import Kind, decode_tensor, encode_tensor, field, mes
 from .inference import HIDDEN_DTYPES, SERVICE_NAME, TrunkInputs, inputs_message, parse_adapter_id, parse_inputs
 
 __all__ = [
-    "METHOD_TRAIN_OPEN", "METHOD_TRAIN_FORWARD", "METHOD_BACKWARD", "METHOD_OPTIMIZER_STEP",
-    "METHOD_TRAIN_SAVE", "METHOD_TRAIN_CLOSE", "METHOD_LOAD_ADAPTER", "METHOD_DELETE_ADAPTER",
-    "TrainOpenRequest", "BackwardRequest", "build_train_open", "parse_train_open", "build_train_forward",
-    "parse_train_forward", "build_train_forward_result", "parse_train_forward_result", "build_backward",
-    "parse_backward", "build_backward_result", "parse_backward_result", "build_training_call",
-    "parse_training_call", "build_load_adapter", "parse_load_adapter", "build_delete_adapter",
-    "parse_delete_adapter", "build_reply", "parse_reply", "Kind",
-    "build_train_open_result", "build_optimizer_step_result", "build_train_save_result",
-    "build_train_closed", "build_adapter_result",
+    "METHOD_BACKWARD",
+    "METHOD_DELETE_ADAPTER",
+    "METHOD_LOAD_ADAPTER",
+    "METHOD_OPTIMIZER_STEP",
+    "METHOD_TRAIN_CLOSE",
+    "METHOD_TRAIN_FORWARD",
+    "METHOD_TRAIN_OPEN",
+    "METHOD_TRAIN_SAVE",
+    "BackwardRequest",
+    "Kind",
+    "TrainOpenRequest",
+    "build_adapter_result",
+    "build_backward",
+    "build_backward_result",
+    "build_delete_adapter",
+    "build_load_adapter",
+    "build_optimizer_step_result",
+    "build_reply",
+    "build_train_closed",
+    "build_train_forward",
+    "build_train_forward_result",
+    "build_train_open",
+    "build_train_open_result",
+    "build_train_save_result",
+    "build_training_call",
+    "parse_backward",
+    "parse_backward_result",
+    "parse_delete_adapter",
+    "parse_load_adapter",
+    "parse_reply",
+    "parse_train_forward",
+    "parse_train_forward_result",
+    "parse_train_open",
+    "parse_training_call",
 ]
 
 METHOD_TRAIN_OPEN = f"/{SERVICE_NAME}/TrainOpen"
@@ -50,7 +75,6 @@ METHOD_DELETE_ADAPTER = f"/{SERVICE_NAME}/DeleteAdapter"
 
 #: The largest step id a client may send (ids are positive 63-bit integers).
 MAX_STEP_ID = 2**63 - 1
-
 
 
 def _training_id(msg: Mapping[str, Any]) -> str:
@@ -109,8 +133,12 @@ def build_train_open(
         The message body.
     """
     msg: dict[str, Any] = {"kind": Kind.OPEN.value, "mode": mode, "optimizer": dict(optimizer)}
-    for key, value in (("lora", dict(lora) if lora is not None else None), ("adapter_id", adapter_id),
-                       ("weights", weights), ("optimizer_state", optimizer_state)):
+    for key, value in (
+        ("lora", dict(lora) if lora is not None else None),
+        ("adapter_id", adapter_id),
+        ("weights", weights),
+        ("optimizer_state", optimizer_state),
+    ):
         if value is not None:
             msg[key] = value
     return pack(msg)
@@ -177,14 +205,22 @@ def parse_train_forward(
     return training_id, inputs, keep_graph
 
 
-def build_train_forward_result(hidden_states: torch.Tensor, step_id: int, *, wire_dtype: torch.dtype | None = None) -> bytes:
+def build_train_forward_result(
+    hidden_states: torch.Tensor, step_id: int, *, wire_dtype: torch.dtype | None = None
+) -> bytes:
     """The reply to ``TrainForward``: the trunk output ``(B, T, H)`` and the step id for ``Backward``."""
-    return pack({
-        "kind": Kind.RESULT.value, "hidden_states": encode_tensor(hidden_states, wire_dtype), "step_id": int(step_id),
-    })
+    return pack(
+        {
+            "kind": Kind.RESULT.value,
+            "hidden_states": encode_tensor(hidden_states, wire_dtype),
+            "step_id": int(step_id),
+        }
+    )
 
 
-def parse_train_forward_result(body: bytes | bytearray | memoryview, *, hidden_size: int | None = None) -> tuple[torch.Tensor, int]:
+def parse_train_forward_result(
+    body: bytes | bytearray | memoryview, *, hidden_size: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Parse the reply to ``TrainForward``: ``(hidden_states (B, T, H), step_id)``.
 
     Raises:
@@ -192,7 +228,9 @@ def parse_train_forward_result(body: bytes | bytearray | memoryview, *, hidden_s
     """
     msg = unpack(body)
     message_kind(msg, expected=Kind.RESULT)
-    hidden = decode_tensor(msg.get("hidden_states"), name="hidden_states", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size))
+    hidden = decode_tensor(
+        msg.get("hidden_states"), name="hidden_states", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size)
+    )
     return hidden, field(msg, "step_id", int)
 
 
@@ -214,7 +252,12 @@ class BackwardRequest:
 
 
 def build_backward(
-    training_id: str, step_id: int, grad_output: torch.Tensor, *, apply: bool = True, wire_dtype: torch.dtype | None = None
+    training_id: str,
+    step_id: int,
+    grad_output: torch.Tensor,
+    *,
+    apply: bool = True,
+    wire_dtype: torch.dtype | None = None,
 ) -> bytes:
     """The body of ``Backward``.
 
@@ -225,10 +268,15 @@ def build_backward(
         apply: Step the trunk's optimizer after accumulating; False only accumulates.
         wire_dtype: Encode the gradient in this dtype; None keeps its own.
     """
-    return pack({
-        "kind": Kind.BACKWARD.value, "training_id": training_id, "step_id": int(step_id),
-        "grad_output": encode_tensor(grad_output, wire_dtype), "apply": bool(apply),
-    })
+    return pack(
+        {
+            "kind": Kind.BACKWARD.value,
+            "training_id": training_id,
+            "step_id": int(step_id),
+            "grad_output": encode_tensor(grad_output, wire_dtype),
+            "apply": bool(apply),
+        }
+    )
 
 
 def parse_backward(
@@ -250,22 +298,33 @@ def parse_backward(
     if not 0 < step_id <= MAX_STEP_ID:
         raise WireError(f"message field 'step_id' is {step_id}; send the positive id TrainForward returned.")
     grad = decode_tensor(
-        msg.get("grad_output"), name="grad_output", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size),
+        msg.get("grad_output"),
+        name="grad_output",
+        dtypes=HIDDEN_DTYPES,
+        shape=(None, None, hidden_size),
         max_elements=max_elements,
     )
     apply = field(msg, "apply", bool, required=False, default=True)
     return BackwardRequest(training_id, step_id, grad, bool(apply))
 
 
-def build_backward_result(grad_input: torch.Tensor, *, optimizer_steps: int, applied: bool, wire_dtype: torch.dtype | None = None) -> bytes:
+def build_backward_result(
+    grad_input: torch.Tensor, *, optimizer_steps: int, applied: bool, wire_dtype: torch.dtype | None = None
+) -> bytes:
     """The reply to ``Backward``: ``grad_input (B, T, H)`` for the client's bottom stage."""
-    return pack({
-        "kind": Kind.RESULT.value, "grad_input": encode_tensor(grad_input, wire_dtype),
-        "optimizer_steps": int(optimizer_steps), "applied": bool(applied),
-    })
+    return pack(
+        {
+            "kind": Kind.RESULT.value,
+            "grad_input": encode_tensor(grad_input, wire_dtype),
+            "optimizer_steps": int(optimizer_steps),
+            "applied": bool(applied),
+        }
+    )
 
 
-def parse_backward_result(body: bytes | bytearray | memoryview, *, hidden_size: int | None = None) -> tuple[torch.Tensor, int]:
+def parse_backward_result(
+    body: bytes | bytearray | memoryview, *, hidden_size: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Parse the reply to ``Backward``: ``(grad_input (B, T, H), optimizer_steps)``.
 
     Raises:
@@ -273,7 +332,9 @@ def parse_backward_result(body: bytes | bytearray | memoryview, *, hidden_size: 
     """
     msg = unpack(body)
     message_kind(msg, expected=Kind.RESULT)
-    grad = decode_tensor(msg.get("grad_input"), name="grad_input", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size))
+    grad = decode_tensor(
+        msg.get("grad_input"), name="grad_input", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size)
+    )
     return grad, field(msg, "optimizer_steps", int)
 
 

@@ -22,14 +22,18 @@ _EXPORTS: dict[str, str] = {
     "serve_main": "splitlearn_async.server._cli",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazy names, listed once above)
 
 if TYPE_CHECKING:
-    from ._cli import add_serve_arguments, serve_main
-    from ._config import ServerConfig
-    from ._process import ServerProcess
-    from ._service import AsyncGRPCComputeServer
-    from ._sessions import Session, SessionStore, SessionTooLong, StoreFull
+    from ._cli import add_serve_arguments as add_serve_arguments
+    from ._cli import serve_main as serve_main
+    from ._config import ServerConfig as ServerConfig
+    from ._process import ServerProcess as ServerProcess
+    from ._service import AsyncGRPCComputeServer as AsyncGRPCComputeServer
+    from ._sessions import Session as Session
+    from ._sessions import SessionStore as SessionStore
+    from ._sessions import SessionTooLong as SessionTooLong
+    from ._sessions import StoreFull as StoreFull
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 
-from splitlearn_async.errors import ConfigError
+from splitlearn_async.errors import ConfigError, MissingPartError
 
 __all__ = ["add_serve_arguments", "serve_main"]
 
@@ -32,31 +32,45 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="require 'authorization: Bearer <token>'")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads of the worker")
     parser.add_argument(
-        "--cpus", default=None,
+        "--cpus",
+        default=None,
         help="run the server on these CPU cores only, e.g. 0 or 0,1 (Linux; set before any thread starts)",
     )
     parser.add_argument("--device", default=None, help="device of the trunk, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--dtype", default=None, help="dtype of the trunk, e.g. float32, bfloat16 (default: the source's)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="most session steps per batched trunk call (default 32)")
     parser.add_argument(
-        "--max-batch-delay-s", type=float, default=0.0,
+        "--dtype", default=None, help="dtype of the trunk, e.g. float32, bfloat16 (default: the source's)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="most session steps per batched trunk call (default 32)"
+    )
+    parser.add_argument(
+        "--max-batch-delay-s",
+        type=float,
+        default=0.0,
         help="seconds the worker waits for a batch to fill (default 0: batch only what is waiting)",
     )
     parser.add_argument(
-        "--max-gather-wait-s", type=float, default=0.01,
+        "--max-gather-wait-s",
+        type=float,
+        default=0.01,
         help="seconds the worker waits for the next steps of sessions in a decode loop (default 0.01; 0 = off)",
     )
     parser.add_argument(
-        "--no-batching", dest="batching", action="store_false",
+        "--no-batching",
+        dest="batching",
+        action="store_false",
         help="run every session step alone (for comparisons)",
     )
     parser.add_argument(
-        "--prefill-chunk-tokens", type=int, default=256,
+        "--prefill-chunk-tokens",
+        type=int,
+        default=256,
         help="cut longer prompts into chunks of this many tokens so other sessions' steps run between them "
         "(default 256; 0 never cuts)",
     )
     parser.add_argument(
-        "--port-file", default=None,
+        "--port-file",
+        default=None,
         help="once serving, write the bound port to this file (for scripts that start the server with --port 0)",
     )
 
@@ -82,9 +96,7 @@ def _cpu_set(text: str | None) -> set[int] | None:
         raise ConfigError(f"--cpus must be core numbers separated by commas such as 0 or 0,1, got {text!r}.")
     available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else cpus
     if not cpus <= available:
-        raise ConfigError(
-            f"--cpus {text} names cores this process may not use; it may use {sorted(available)}."
-        )
+        raise ConfigError(f"--cpus {text} names cores this process may not use; it may use {sorted(available)}.")
     return cpus
 
 
@@ -123,15 +135,22 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.bundle is None and split is None:
         raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
     config = ServerConfig(
-        metrics_port=args.metrics_port, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-        auth_token=args.token, torch_threads=args.torch_threads,
-        max_batch_size=args.max_batch_size, max_batch_delay_s=args.max_batch_delay_s, batching=args.batching,
+        metrics_port=args.metrics_port,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        auth_token=args.token,
+        torch_threads=args.torch_threads,
+        max_batch_size=args.max_batch_size,
+        max_batch_delay_s=args.max_batch_delay_s,
+        batching=args.batching,
         max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
     )
     trunk = load_stages(
         source, split, parts=("trunk",), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None)
     ).trunk
+    if trunk is None:  # pragma: no cover (load_stages raises MissingPartError first)
+        raise MissingPartError(f"{source} has no trunk part to serve.")
 
     async def run() -> None:
         stop = asyncio.Event()

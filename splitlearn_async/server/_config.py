@@ -128,21 +128,28 @@ class ServerConfig:
                 f"{'tls_cert_file' if self.tls_cert_file else 'tls_key_file'}); pass both or neither."
             )
         if self.metrics_port is not None and (
-            isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+            isinstance(self.metrics_port, bool)
+            or not isinstance(self.metrics_port, int)
             or not 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError(
                 f"ServerConfig.metrics_port must be None or a port in 0..65535, got {self.metrics_port!r}."
             )
         _positive_int("max_batch_size", self.max_batch_size, "e.g. 32")
-        if isinstance(self.max_batch_delay_s, bool) or not isinstance(self.max_batch_delay_s, (int, float)) \
-                or not self.max_batch_delay_s >= 0:
+        if (
+            isinstance(self.max_batch_delay_s, bool)
+            or not isinstance(self.max_batch_delay_s, (int, float))
+            or not self.max_batch_delay_s >= 0
+        ):
             raise ConfigError(
                 f"ServerConfig.max_batch_delay_s must be a number >= 0, got {self.max_batch_delay_s!r}; "
                 "0 runs waiting work at once."
             )
-        if isinstance(self.max_gather_wait_s, bool) or not isinstance(self.max_gather_wait_s, (int, float)) \
-                or not 0 <= self.max_gather_wait_s <= 1:
+        if (
+            isinstance(self.max_gather_wait_s, bool)
+            or not isinstance(self.max_gather_wait_s, (int, float))
+            or not 0 <= self.max_gather_wait_s <= 1
+        ):
             raise ConfigError(
                 f"ServerConfig.max_gather_wait_s must be a number in [0, 1] seconds, got {self.max_gather_wait_s!r}; "
                 "0 turns gathering off, 0.01 is the default."
@@ -152,7 +159,9 @@ class ServerConfig:
         if self.sweep_interval_s is not None:
             _positive_number("sweep_interval_s", self.sweep_interval_s, "or None for the default")
         if not isinstance(self.allow_full_training, bool):
-            raise ConfigError(f"ServerConfig.allow_full_training must be True or False, got {self.allow_full_training!r}.")
+            raise ConfigError(
+                f"ServerConfig.allow_full_training must be True or False, got {self.allow_full_training!r}."
+            )
         _positive_int("max_training_sessions", self.max_training_sessions, "e.g. 16")
         _positive_int("max_pending_steps", self.max_pending_steps, "e.g. 16")
         _positive_number("pending_step_ttl_s", self.pending_step_ttl_s, "e.g. 60 seconds")

@@ -61,7 +61,11 @@ class ServerContext:
             given = _authorization(context.invocation_metadata() or ())
             scheme, _, presented = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
-                reason = "lacks the metadata 'authorization: Bearer <token>'" if not given else "carries a wrong bearer token"
+                reason = (
+                    "lacks the metadata 'authorization: Bearer <token>'"
+                    if not given
+                    else "carries a wrong bearer token"
+                )
                 raise Unauthenticated(f"this server requires a bearer token and the call {reason}.")
         if self.stopping:
             raise TrunkUnavailable("the server is shutting down; retry on another server or later.")
@@ -76,4 +80,3 @@ def _authorization(metadata: Any) -> str:
         if key.lower() == "authorization":
             return value if isinstance(value, str) else bytes(value).decode("latin-1")
     return ""
-

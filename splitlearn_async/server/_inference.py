@@ -82,8 +82,11 @@ class InferenceService:
                     )
                 expected = (Kind.OPEN,) if session is None else (Kind.STEP, Kind.CLOSE)
                 inputs = proto.parse_inputs(
-                    body, hidden_size=s.hidden_size, expected=expected,
-                    max_bytes=s.config.max_message_bytes, max_elements=s.max_elements,
+                    body,
+                    hidden_size=s.hidden_size,
+                    expected=expected,
+                    max_bytes=s.config.max_message_bytes,
+                    max_elements=s.max_elements,
                 )
                 if inputs is Kind.CLOSE and session is not None:  # close is only expected after open
                     sid = session.session_id
@@ -158,8 +161,14 @@ class InferenceService:
             body: bytes | torch.Tensor = b""
             for a, b in chunk_bounds(length, s.config.prefill_chunk_tokens):
                 work = StepWork(
-                    hidden[:, a:b], new_mask[:, a:b], inputs.position_ids[:, a:b], session, session.cache,
-                    reply_dtype, earlier, last=b == length,
+                    hidden[:, a:b],
+                    new_mask[:, a:b],
+                    inputs.position_ids[:, a:b],
+                    session,
+                    session.cache,
+                    reply_dtype,
+                    earlier,
+                    last=b == length,
                 )
                 # decode steps batch with decode steps; prompt chunks of any length with each other
                 key = ("step", adapter, 1 if b - a == 1 else "prompt")
@@ -191,8 +200,11 @@ class InferenceService:
         s = self.server
         s.admit(context)
         inputs = proto.parse_inputs(
-            body, hidden_size=s.hidden_size, expected=Kind.FORWARD,
-            max_bytes=s.config.max_message_bytes, max_elements=s.max_elements,
+            body,
+            hidden_size=s.hidden_size,
+            expected=Kind.FORWARD,
+            max_bytes=s.config.max_message_bytes,
+            max_elements=s.max_elements,
         )
         if not isinstance(inputs, proto.TrunkInputs):  # pragma: no cover (only 'forward' is expected)
             raise TrunkRejected("a Forward body must be a 'forward' message with hidden states.")

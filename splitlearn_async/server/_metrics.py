@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ServerMetrics", "NullMetrics"]
+__all__ = ["NullMetrics", "ServerMetrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class ServerMetrics(NullMetrics):
         OSError: the port cannot be bound.
     """
 
-    def __init__(self, host: str, port: int, sessions_open: Callable[[], float], queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self, host: str, port: int, sessions_open: Callable[[], float], queue_depth: Callable[[], float]
+    ) -> None:
         import prometheus_client as prom
 
         self.registry = prom.CollectorRegistry()
@@ -60,11 +62,14 @@ class ServerMetrics(NullMetrics):
         depth = prom.Gauge("splitlearn_trunk_queue_depth", "Items waiting for the worker.", registry=self.registry)
         depth.set_function(queue_depth)
         self._batch = prom.Histogram(
-            "splitlearn_trunk_batch_size", "Rows per trunk call.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+            "splitlearn_trunk_batch_size",
+            "Rows per trunk call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
         )
         self._latency = prom.Histogram(
-            "splitlearn_trunk_step_latency_seconds", "Seconds per trunk call, queueing included.",
+            "splitlearn_trunk_step_latency_seconds",
+            "Seconds per trunk call, queueing included.",
             registry=self.registry,
         )
         self._httpd: Any

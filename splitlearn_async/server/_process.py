@@ -14,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
 
 __all__ = ["ServerProcess"]
 
@@ -102,15 +102,22 @@ class ServerProcess:
         if self.proc is not None:
             raise RuntimeError("this ServerProcess was already started; create a new one to start another.")
         cmd = [
-            sys.executable, "-m", "splitlearn_async", "serve", "--bundle", str(self.bundle),
-            "--host", self.host, "--port", str(self.requested_port), "--port-file", str(self._port_file),
+            sys.executable,
+            "-m",
+            "splitlearn_async",
+            "serve",
+            "--bundle",
+            str(self.bundle),
+            "--host",
+            self.host,
+            "--port",
+            str(self.requested_port),
+            "--port-file",
+            str(self._port_file),
             *self.extra_args,
         ]
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # the child holds its own descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        finally:
-            log.close()  # the child holds its own descriptor
         deadline = time.monotonic() + self.start_timeout_s
         while not self._port_file.exists():
             if self.proc.poll() is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,9 @@ class AsyncGRPCComputeServer:
         ConfigError: ``config`` is not a :class:`ServerConfig`.
     """
 
-    def __init__(self, trunk: TrunkStage, host: str = "127.0.0.1", port: int = 0, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, trunk: TrunkStage, host: str = "127.0.0.1", port: int = 0, config: ServerConfig | None = None
+    ) -> None:
         if config is None:
             config = ServerConfig()
         if not isinstance(config, ServerConfig):
@@ -125,31 +128,36 @@ class AsyncGRPCComputeServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
         limit = self.config.max_message_bytes
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         handlers = {
             "Session": grpc.stream_stream_rpc_method_handler(
-                self.inference.session, request_deserializer=_identity, response_serializer=_identity),
+                self.inference.session, request_deserializer=_identity, response_serializer=_identity
+            ),
             "Forward": grpc.unary_unary_rpc_method_handler(
                 guarded(self.inference.forward, "this forward call"),
-                request_deserializer=_identity, response_serializer=_identity),
+                request_deserializer=_identity,
+                response_serializer=_identity,
+            ),
             "Info": grpc.unary_unary_rpc_method_handler(
                 guarded(self.inference.info, "this Info call"),
-                request_deserializer=_identity, response_serializer=_identity),
+                request_deserializer=_identity,
+                response_serializer=_identity,
+            ),
         }
         handlers.update(self.training.handlers())
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE_NAME, handlers),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
-        if self.config.tls:
-            with open(self.config.tls_cert_file, "rb") as f:  # type: ignore[arg-type]
-                cert = f.read()
-            with open(self.config.tls_key_file, "rb") as f:  # type: ignore[arg-type]
-                key = f.read()
+        if self.config.tls_cert_file and self.config.tls_key_file:
+            cert = await asyncio.to_thread(Path(self.config.tls_cert_file).read_bytes)
+            key = await asyncio.to_thread(Path(self.config.tls_key_file).read_bytes)
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)
@@ -159,8 +167,10 @@ class AsyncGRPCComputeServer:
         self._port = port
         if self.config.metrics_port is not None:
             self.context.metrics = ServerMetrics(
-                self.host, self.config.metrics_port,
-                sessions_open=lambda: self.store.sessions_open, queue_depth=lambda: self.worker.queue_depth,
+                self.host,
+                self.config.metrics_port,
+                sessions_open=lambda: self.store.sessions_open,
+                queue_depth=lambda: self.worker.queue_depth,
             )
         await self.worker.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="splitlearn-session-sweeper")
@@ -168,8 +178,13 @@ class AsyncGRPCComputeServer:
         for service in ("", proto.SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
-            "trunk server on %s:%d (layers %s, %s, tls=%s, auth=%s)", self.host, port,
-            self.trunk.layer_range, _dtype_name(self._model_dtype), self.config.tls, self.config.auth_token is not None,
+            "trunk server on %s:%d (layers %s, %s, tls=%s, auth=%s)",
+            self.host,
+            port,
+            self.trunk.layer_range,
+            _dtype_name(self._model_dtype),
+            self.config.tls,
+            self.config.auth_token is not None,
         )
 
     async def stop(self, grace: float | None = 5.0) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from splitlearn_async.errors import TrunkBusy
 
-__all__ = ["Session", "SessionStore", "StoreFull", "SessionTooLong"]
+__all__ = ["Session", "SessionStore", "SessionTooLong", "StoreFull"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +182,7 @@ class SessionStore:
     def expire_idle(self) -> list[Session]:
         """Close and return every session idle for longer than ``session_ttl_s`` (busy ones excepted)."""
         now = self._clock()
-        expired = [
-            s for s in self._sessions.values()
-            if not s.busy and now - s.last_used_s > self.session_ttl_s
-        ]
+        expired = [s for s in self._sessions.values() if not s.busy and now - s.last_used_s > self.session_ttl_s]
         for s in expired:
             s.expired = True
             self.close(s)

@@ -14,6 +14,7 @@ import torch
 
 from splitlearn_async import protocol as proto
 from splitlearn_async.errors import TrunkRejected
+from splitlearn_async.models.cache import KVCache
 from splitlearn_async.models.stages import run_stage_batched
 
 from ._metrics import NullMetrics
@@ -41,7 +42,7 @@ class StepWork:
     mask: torch.Tensor
     positions: torch.Tensor
     session: Session
-    cache: Any
+    cache: KVCache
     reply_dtype: torch.dtype
     earlier: list[torch.Tensor] = field(default_factory=list)
     last: bool = True
@@ -62,12 +63,14 @@ def compute_batch(trunk: Any, works: list[StepWork], metrics: NullMetrics) -> li
     chunk, the ``(B, T, H)`` output otherwise. Raises only if the trunk call itself
     failed, and then no cache has advanced.
     """
-    calls = [(w.hidden, w.mask, w.positions, w.cache) for w in works]
+    calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]] = [
+        (w.hidden, w.mask, w.positions, w.cache) for w in works
+    ]
     outs = run_stage_batched(trunk, calls)  # each (B_i, T, H), model dtype, CPU
     metrics.observe_batch(sum(int(w.hidden.shape[0]) for w in works))
     # from here on nothing may raise: the caches have advanced, a retry would advance them twice
     results: list[bytes | torch.Tensor | Exception] = []
-    for work, out in zip(works, outs):
+    for work, out in zip(works, outs, strict=True):
         try:
             results.append(_finish_step(work, out))
         except Exception as exc:

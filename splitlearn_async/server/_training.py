@@ -143,7 +143,9 @@ class TrainingService:
             optimizer_state=req.optimizer_state,
         )
         self._ensure_sweeper()
-        return proto.build_train_open_result(entry.training_id, entry.mode, entry.adapter_id, entry.trainable_parameters)
+        return proto.build_train_open_result(
+            entry.training_id, entry.mode, entry.adapter_id, entry.trainable_parameters
+        )
 
     async def _train_forward(self, body: bytes, context: Context) -> bytes:
         """``TrainForward``: run the trunk keeping its graph; reply with the output and a step id."""
@@ -160,8 +162,12 @@ class TrainingService:
             return proto.build_train_forward_result(out, step_id, wire_dtype=dtype)
 
         reply, _ = await self.host.forward(
-            training_id, inputs.hidden_states, inputs.attention_mask, inputs.position_ids,
-            keep_graph=keep_graph, build=build,
+            training_id,
+            inputs.hidden_states,
+            inputs.attention_mask,
+            inputs.position_ids,
+            keep_graph=keep_graph,
+            build=build,
         )
         return reply
 

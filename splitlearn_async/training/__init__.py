@@ -12,7 +12,7 @@
 """
 
 from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, TrainingConfig, check_adapter_id
-from ._host import Runner, TrainingEntry, TrainingHost, TrainingLimits
+from ._host import Runner, TrainingEntry, TrainingHost, TrainingLimits, output
 from ._lora import bind_adapter, merge_adapter
 from ._loss import IGNORE_INDEX, causal_lm_loss
 from ._safetensors import from_safetensors, to_safetensors
@@ -36,5 +36,6 @@ __all__ = [
     "check_adapter_id",
     "from_safetensors",
     "merge_adapter",
+    "output",
     "to_safetensors",
 ]

@@ -43,7 +43,9 @@ class AdapterRegistry:
             TrunkBusy: ``max_adapters`` adapters are loaded.
         """
         if adapter_id in self.adapters:
-            raise AlreadyExists(f"an adapter named {adapter_id!r} is loaded already; delete it first or pick another name.")
+            raise AlreadyExists(
+                f"an adapter named {adapter_id!r} is loaded already; delete it first or pick another name."
+            )
         if len(self.adapters) >= self.max_adapters:
             raise TrunkBusy(
                 f"{len(self.adapters)} adapters are loaded (max_adapters={self.max_adapters}); delete one first."

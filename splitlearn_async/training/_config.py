@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["LoraConfig", "OptimizerConfig", "TrainingConfig", "TRUNK_MODES", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "TRUNK_MODES", "LoraConfig", "OptimizerConfig", "TrainingConfig"]
 
 #: How the trunk trains: all its weights, LoRA adapters, or nothing (gradients still flow through).
 TRUNK_MODES = ("lora", "full", "frozen")
@@ -22,9 +22,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def _number(owner: str, name: str, value: object, *, minimum: float, inclusive: bool, fix: str) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = value >= minimum if inclusive else value > minimum
+    number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
+    ok = math.isfinite(number) and (number >= minimum if inclusive else number > minimum)
     if not ok:
         sign = ">=" if inclusive else ">"
         raise ConfigError(f"{owner}.{name} must be a finite number {sign} {minimum:g}, got {value!r}; {fix}.")
@@ -65,7 +64,7 @@ class LoraConfig:
         if p >= 1:
             raise ConfigError(f"LoraConfig.dropout must be < 1, got {self.dropout!r}; e.g. 0.05.")
         if self.target_modules is not None:
-            targets = self.target_modules
+            targets: object = self.target_modules  # checked at run time: callers pass anything
             if isinstance(targets, str) or not isinstance(targets, Iterable):
                 raise ConfigError(
                     f"LoraConfig.target_modules must be a sequence of module names or None, got {targets!r}; "
@@ -103,7 +102,7 @@ class LoraConfig:
         Raises:
             ConfigError: a field is unknown or out of range.
         """
-        return cls(**_known_fields(cls, msg, "lora"))  # type: ignore[arg-type]
+        return cls(**_known_fields(cls, msg, "lora"))
 
 
 @dataclass(frozen=True)
@@ -164,8 +163,12 @@ class OptimizerConfig:
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-ready map of the fields."""
         return {
-            "name": self.name, "lr": float(self.lr), "betas": list(self.betas), "eps": float(self.eps),
-            "weight_decay": float(self.weight_decay), "momentum": float(self.momentum),
+            "name": self.name,
+            "lr": float(self.lr),
+            "betas": list(self.betas),
+            "eps": float(self.eps),
+            "weight_decay": float(self.weight_decay),
+            "momentum": float(self.momentum),
         }
 
     @classmethod
@@ -178,7 +181,7 @@ class OptimizerConfig:
         fields = _known_fields(cls, msg, "optimizer")
         if "betas" in fields and isinstance(fields["betas"], list):
             fields["betas"] = tuple(fields["betas"])
-        return cls(**fields)  # type: ignore[arg-type]
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,9 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, OptimizerConfig):
-            raise ConfigError(f"TrainingConfig.optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}.")
+            raise ConfigError(
+                f"TrainingConfig.optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}."
+            )
         if self.trunk_optimizer is not None and not isinstance(self.trunk_optimizer, OptimizerConfig):
             raise ConfigError(
                 f"TrainingConfig.trunk_optimizer must be an OptimizerConfig or None, got {type(self.trunk_optimizer).__name__}."
@@ -228,7 +233,9 @@ class TrainingConfig:
         check_adapter_id(self.adapter_id, "TrainingConfig.adapter_id", allow_none=True)
         acc = self.accumulation_steps
         if isinstance(acc, bool) or not isinstance(acc, int) or acc < 1:
-            raise ConfigError(f"TrainingConfig.accumulation_steps must be an int >= 1, got {acc!r}; 1 turns accumulation off.")
+            raise ConfigError(
+                f"TrainingConfig.accumulation_steps must be an int >= 1, got {acc!r}; 1 turns accumulation off."
+            )
 
     @property
     def effective_trunk_optimizer(self) -> OptimizerConfig:

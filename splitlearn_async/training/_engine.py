@@ -84,8 +84,11 @@ class TrunkTrainer:
                 None if position_ids is None else position_ids.to(device),
             )  # (B, T, H)
         if not bool(torch.isfinite(out).all()):
-            raise ValueError("the trunk's output holds NaN or infinite values for this input; check the hidden states sent")
-        return out.to(device="cpu", dtype=hidden.dtype)
+            raise ValueError(
+                "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
+            )
+        result: torch.Tensor = out.to(device="cpu", dtype=hidden.dtype)
+        return result
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
@@ -113,14 +116,20 @@ class TrunkTrainer:
                 saved.setdefault(id(t.untyped_storage()), t.untyped_storage().nbytes())
             return t
 
-        with torch.enable_grad(), use_adapter(self.adapter), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.enable_grad(),
+            use_adapter(self.adapter),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             out = self.trunk(
                 x,
                 None if attention_mask is None else attention_mask.to(device),
                 None if position_ids is None else position_ids.to(device),
             )  # (B, T, H), attached to the graph
         if not bool(torch.isfinite(out.detach()).all()):
-            raise ValueError("the trunk's output holds NaN or infinite values for this input; check the hidden states sent")
+            raise ValueError(
+                "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
+            )
         reply = out.detach().to(device="cpu", dtype=hidden.dtype)
         return reply, StepGraph(x, out, sum(saved.values()))
 
@@ -206,7 +215,9 @@ class TrunkTrainer:
             CheckpointError: the state names parameters this session does not train.
         """
         if metadata.get("format") != "splitlearn-optimizer/1":
-            raise CheckpointError(f"the optimizer file has format={metadata.get('format')!r}, expected 'splitlearn-optimizer/1'.")
+            raise CheckpointError(
+                f"the optimizer file has format={metadata.get('format')!r}, expected 'splitlearn-optimizer/1'."
+            )
         if self.optimizer is None:
             return
         index = {name: i for i, (name, _) in enumerate(self.named_params)}
@@ -214,7 +225,9 @@ class TrunkTrainer:
         for key, value in tensors.items():
             name, _, slot = key.rpartition("::")
             if name not in index:
-                raise CheckpointError(f"the optimizer file holds state for {name!r}, which this session does not train.")
+                raise CheckpointError(
+                    f"the optimizer file holds state for {name!r}, which this session does not train."
+                )
             state.setdefault(index[name], {})[slot] = value
         sd = self.optimizer.state_dict()
         sd["state"] = state
@@ -234,11 +247,15 @@ class TrunkTrainer:
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise CheckpointError(f"the trunk weights file lacks {missing[:2]} or has extra {extra[:2]}; it belongs to another trunk.")
+            raise CheckpointError(
+                f"the trunk weights file lacks {missing[:2]} or has extra {extra[:2]}; it belongs to another trunk."
+            )
         with torch.no_grad():
             for name, p in expected.items():
                 if tuple(tensors[name].shape) != tuple(p.shape):
-                    raise CheckpointError(f"trunk weight {name!r} has shape {list(tensors[name].shape)}, expected {list(p.shape)}.")
+                    raise CheckpointError(
+                        f"trunk weight {name!r} has shape {list(tensors[name].shape)}, expected {list(p.shape)}."
+                    )
                 p.copy_(tensors[name].to(p.dtype))
 
 

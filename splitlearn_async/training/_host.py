@@ -34,7 +34,7 @@ from ._pending import PendingSteps, StepGraph
 from ._safetensors import from_safetensors
 from ._state import TrunkState
 
-__all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits"]
+__all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class TrainingEntry:
         return self.trainer.num_trainable
 
 
-def _identity(tensor: torch.Tensor, _: int) -> torch.Tensor:
+def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
+    """A ``build`` for :meth:`TrainingHost.forward` and :meth:`~TrainingHost.backward` that returns the tensor itself."""
     return tensor
 
 
@@ -259,8 +260,8 @@ class TrainingHost:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         *,
+        build: Callable[[torch.Tensor, int], R],
         keep_graph: bool = True,
-        build: Callable[[torch.Tensor, int], R] = _identity,  # type: ignore[assignment]
     ) -> tuple[R, int]:
         """Run the trunk on ``hidden (B, T, H)`` as the session trains it.
 
@@ -271,7 +272,7 @@ class TrainingHost:
             position_ids: ``(B, T)`` positions, or None.
             keep_graph: Keep the autograd graph for a backward; False evaluates (step id 0).
             build: Called on the worker with ``(output (B, T, H), step_id)``; its result is
-                returned (e.g. the encoded reply). By default the output itself.
+                returned (e.g. the encoded reply; :func:`output` returns the output itself).
 
         Returns:
             ``(build(output, step_id), step_id)``.
@@ -309,8 +310,8 @@ class TrainingHost:
         step_id: int,
         grad_output: torch.Tensor,
         *,
+        build: Callable[[torch.Tensor, int], R],
         apply: bool = True,
-        build: Callable[[torch.Tensor, int], R] = _identity,  # type: ignore[assignment]
     ) -> R:
         """Back-propagate ``grad_output (B, T, H)`` through step ``step_id``'s kept graph.
 
@@ -320,7 +321,7 @@ class TrainingHost:
             grad_output: Gradient of the loss w.r.t. that step's trunk output.
             apply: Step the optimizer afterwards; False only accumulates.
             build: Called on the worker with ``(grad_input (B, T, H), optimizer_steps)``; its
-                result is returned. By default the gradient itself.
+                result is returned (:func:`output` returns the gradient itself).
 
         Raises:
             SessionNotFound: the session is unknown.
@@ -402,9 +403,7 @@ class TrainingHost:
         """
         self.adapters.get(adapter_id)
         if self._trained_by(adapter_id):
-            raise PreconditionFailed(
-                f"adapter {adapter_id!r} is being trained; close its training session first."
-            )
+            raise PreconditionFailed(f"adapter {adapter_id!r} is being trained; close its training session first.")
         del self.adapters.adapters[adapter_id]
 
     def _trained_by(self, adapter_id: str) -> TrainingEntry | None:

@@ -27,8 +27,8 @@ import contextlib
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,14 @@ from torch import nn
 from ..errors import CheckpointError
 
 __all__ = [
+    "ADAPTER_FORMAT",
     "LoraAdapter",
-    "use_adapter",
     "active_adapter",
+    "adapter_modules",
     "bind_adapter",
     "install_adapter_hooks",
-    "adapter_modules",
     "merge_adapter",
-    "ADAPTER_FORMAT",
+    "use_adapter",
 ]
 
 ADAPTER_FORMAT = "splitlearn-lora/1"
@@ -102,6 +102,8 @@ def _features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor; LoRA adapts Linear and Conv1D layers only.")
     return int(w.shape[0]), int(w.shape[1])
 
 
@@ -115,12 +117,16 @@ def adapter_modules(stage: nn.Module, target_modules: tuple[str, ...] | None) ->
         ValueError: no linear layer of the stage matches ``target_modules``.
     """
     found = {
-        name: m for name, m in stage.named_modules()
-        if name.startswith("layers.") and _is_linear(m)
+        name: m
+        for name, m in stage.named_modules()
+        if name.startswith("layers.")
+        and _is_linear(m)
         and (target_modules is None or name.rsplit(".", 1)[-1] in target_modules)
     }
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in stage.named_modules() if n.startswith("layers.") and _is_linear(m)})
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in stage.named_modules() if n.startswith("layers.") and _is_linear(m)}
+        )
         raise ValueError(
             f"no linear layer of the trunk matches target_modules={list(target_modules or [])}; "
             f"this trunk's linear layers are named {names}."
@@ -160,12 +166,14 @@ class LoraAdapter:
         self.scaling = self.alpha / self.rank
         self.dropout = float(dropout)
         self.target_modules = tuple(target_modules) if target_modules is not None else None
-        self._checkpoint_name = stage.checkpoint_name  # type: ignore[attr-defined]
+        self._checkpoint_name = cast("Callable[[str], str]", stage.checkpoint_name)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.pairs: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         for name, module in adapter_modules(stage, self.target_modules).items():
             fan_in, fan_out = _features(module)
             weight = module.weight
+            if not isinstance(weight, torch.Tensor):  # pragma: no cover (_features checked it)
+                raise TypeError(f"{name} has no weight tensor.")
             a = torch.empty(self.rank, fan_in, dtype=torch.float32)
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
             a.uniform_(-bound, bound, generator=generator)
@@ -310,14 +318,14 @@ def _stage_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         stack = _local.stack = []
     # a bound cache decides; otherwise keep whatever the caller made active
     stack.append(adapter if found else (stack[-1] if stack else None))
-    return None
+    return
 
 
 def _stage_post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     stack = getattr(_local, "stack", None)
     if stack:
         stack.pop()
-    return None
+    return
 
 
 def merge_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:

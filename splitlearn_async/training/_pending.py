@@ -138,7 +138,9 @@ class PendingSteps:
         out = []
         for k in old:
             graph = self._steps.pop(k)
-            logger.info("training step %s of %s expired after %.1f s without a backward", k[1], k[0], now - graph.created_s)
+            logger.info(
+                "training step %s of %s expired after %.1f s without a backward", k[1], k[0], now - graph.created_s
+            )
             graph.release()
             out.append(graph)
         return out
