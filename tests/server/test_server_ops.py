@@ -12,7 +12,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitlearn_async import __version__, split_model
+from splitlearn_async import __version__
 from splitlearn_async import protocol as proto
 from splitlearn_async.server import AsyncGRPCComputeServer, ServerConfig
 from tests.support.rpc import (
@@ -23,13 +23,7 @@ from tests.support.rpc import (
     run_session,
     unary,
 )
-from tests.support.tiny_models import tiny_model
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def trunk():
-    return split_model(tiny_model("llama"), (2, 4), parts=("trunk",)).trunk
 
 
 def good(steps=0, seed=0):
