@@ -10,7 +10,7 @@ import torch
 
 from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.training import OptimizerConfig, causal_lm_loss
-from splitlearn_async.training._engine import to_safetensors
+from splitlearn_async.training import to_safetensors
 from splitlearn_async.training._lora import ADAPTER_FORMAT
 from tests.support.tiny_models import left_padded_batch
 
