@@ -1,6 +1,6 @@
 """The async client: trunks (local or remote), the generation pipeline and the split trainer."""
 
-from typing import TYPE_CHECKING
+import typing
 
 from ._config import ClientConfig
 from ._pipeline import SplitPipeline, StreamChunk
@@ -23,7 +23,7 @@ __all__ = [
     "TrunkSession",
 ]
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
 
     def _conforms(local: LocalTrunk, remote: RemoteTrunk) -> tuple[TrainableTrunk, TrainableTrunk]:
         """Never called: mypy checks here that both trunks satisfy the protocols."""

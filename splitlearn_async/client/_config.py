@@ -15,7 +15,12 @@ _WIRE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 def _number(name: str, value: object, *, allow_none: bool = False, minimum: float = 0.0, fix: str) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not value > minimum
+    ):
         raise ConfigError(f"ClientConfig.{name} must be a number > {minimum:g}, got {value!r}; {fix}.")
 
 
@@ -76,8 +81,11 @@ class ClientConfig:
                 f"ClientConfig.max_backoff_s ({self.max_backoff_s}) must be >= initial_backoff_s "
                 f"({self.initial_backoff_s}); raise max_backoff_s."
             )
-        if isinstance(self.backoff_multiplier, bool) or not isinstance(self.backoff_multiplier, (int, float)) \
-                or not 1.0 <= self.backoff_multiplier <= 10.0:
+        if (
+            isinstance(self.backoff_multiplier, bool)
+            or not isinstance(self.backoff_multiplier, (int, float))
+            or not 1.0 <= self.backoff_multiplier <= 10.0
+        ):
             raise ConfigError(
                 f"ClientConfig.backoff_multiplier must lie in [1, 10], got {self.backoff_multiplier!r}; 2.0 is usual."
             )
@@ -87,8 +95,11 @@ class ClientConfig:
             )
         if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token.strip()):
             raise ConfigError("ClientConfig.auth_token must be a non-empty string or None.")
-        if isinstance(self.max_message_bytes, bool) or not isinstance(self.max_message_bytes, int) \
-                or self.max_message_bytes < 1024:
+        if (
+            isinstance(self.max_message_bytes, bool)
+            or not isinstance(self.max_message_bytes, int)
+            or self.max_message_bytes < 1024
+        ):
             raise ConfigError(
                 f"ClientConfig.max_message_bytes must be an int >= 1024, got {self.max_message_bytes!r}; "
                 "the default is 256 MiB."

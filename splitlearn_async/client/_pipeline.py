@@ -1,8 +1,9 @@
 """``SplitPipeline``: bottom -> trunk -> top generation for async applications.
 
 Bottom and top run on the client's :class:`~splitlearn_async.worker.StageWorker` thread,
-never on the event loop; the trunk is a ``LocalTrunk`` or a ``RemoteTrunk`` session. Each
-stage keeps its own KV cache, so no step recomputes the prefix.
+never on the event loop; the trunk is any :class:`~._protocols.Trunk` (a ``LocalTrunk`` or a
+``RemoteTrunk``), used through one session per generation. Each stage keeps its own KV
+cache, so no step recomputes the prefix.
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ClientClosed, ConfigError, TrunkTimeout
+from ..models.cache import KVCache
 from ..models.decoding import DecodeState, SamplingConfig
-from ..models.stages import run_stage, run_stage_batched
+from ..models.stages import BottomStage, TopStage
 from ..worker import StageWorker
+from ._pipeline_steps import TextDecoder, batch_length, bottom_steps, top_bottom_steps
+from ._protocols import Trunk
+from ._trunk import TrunkSession
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["SplitPipeline", "StreamChunk"]
 
@@ -52,7 +61,7 @@ class SplitPipeline:
 
     Args:
         bottom: The client's :class:`BottomStage`.
-        trunk: A ``RemoteTrunk`` or ``LocalTrunk`` (anything with ``open_session()``).
+        trunk: A ``RemoteTrunk`` or ``LocalTrunk`` (any :class:`~._protocols.Trunk`).
         top: The client's :class:`TopStage`.
         tokenizer: Optional Hugging Face tokenizer, for :meth:`generate_text` and text in
             :meth:`stream`.
@@ -69,13 +78,13 @@ class SplitPipeline:
 
     def __init__(
         self,
-        bottom: Any,
-        trunk: Any,
-        top: Any,
+        bottom: BottomStage,
+        trunk: Trunk,
+        top: TopStage,
         tokenizer: Any = None,
         worker: StageWorker | None = None,
         adapter_id: str | None = None,
-    ):
+    ) -> None:
         self.bottom = bottom
         self.trunk = trunk
         self.top = top
@@ -84,8 +93,8 @@ class SplitPipeline:
         self._worker = worker
         self._owns_worker = worker is None
         # one batch function per stage, so concurrent streams' steps share a worker call
-        self._bottom_batch = functools.partial(_bottom_steps, bottom)
-        self._step_batch = functools.partial(_top_bottom_steps, top, bottom)
+        self._bottom_batch = functools.partial(bottom_steps, bottom)
+        self._step_batch = functools.partial(top_bottom_steps, top, bottom)
         self._closed = False
         self._trunk_checked = False
         self._streams = 0  # streams inside their decode loop
@@ -109,25 +118,28 @@ class SplitPipeline:
 
     async def _check_trunk(self) -> None:
         """Once per pipeline: the trunk must continue the bottom and end where the top starts."""
-        if self._trunk_checked or not hasattr(self.trunk, "info"):
+        if self._trunk_checked:
             return
         info = await self.trunk.info()
         lo, hi = (int(v) for v in info.get("layer_range", (-1, -1)))
         bottom_end, top_start = self.bottom.layer_range[1], self.top.layer_range[0]
-        problems = []
+        problems: list[str] = []
         if (lo, hi) != (bottom_end, top_start):
             problems.append(
                 f"the trunk runs layers [{lo}, {hi}) but the bottom ends at layer {bottom_end} and the top "
                 f"starts at layer {top_start}"
             )
         if int(info.get("hidden_size", self.bottom.hidden_size)) != self.bottom.hidden_size:
-            problems.append(f"the trunk's hidden size is {info.get('hidden_size')}, the bottom's {self.bottom.hidden_size}")
+            problems.append(
+                f"the trunk's hidden size is {info.get('hidden_size')}, the bottom's {self.bottom.hidden_size}"
+            )
         model_type = info.get("model_type")
         if model_type and model_type != self.bottom.config.model_type:
             problems.append(f"the trunk is a {model_type!r} model, the bottom a {self.bottom.config.model_type!r} one")
         if problems:
             raise ConfigError(
-                "The trunk does not fit this pipeline: " + "; ".join(problems)
+                "The trunk does not fit this pipeline: "
+                + "; ".join(problems)
                 + ". Serve the trunk of the same bundle and split points as the bottom and top."
             )
         self._trunk_checked = True
@@ -157,7 +169,7 @@ class SplitPipeline:
         eos_token_id: int | Iterable[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         """Yield a :class:`StreamChunk` per decode step as tokens come.
 
         Arguments are those of :meth:`generate`. Leaving the iteration early (or cancelling
@@ -171,9 +183,9 @@ class SplitPipeline:
             return
         caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
         ids, mask, pos = state.prompt_inputs()
-        decoder = _TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
+        decoder = TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
         await self._check_trunk()
-        session = await (self.trunk.open_session(adapter_id=self.adapter_id) if self.adapter_id else self.trunk.open_session())
+        session = await self.trunk.open_session(adapter_id=self.adapter_id or None)
         self._streams += 1
         try:
             steps = self._decode(worker, session, state, ids, mask, pos, caches, decoder)
@@ -186,9 +198,16 @@ class SplitPipeline:
                 cache.release()
 
     async def _decode(
-        self, worker: StageWorker, session: Any, state: DecodeState, ids: torch.Tensor, mask: torch.Tensor,
-        pos: torch.Tensor, caches: tuple[Any, Any], decoder: _TextDecoder | None,
-    ) -> AsyncIterator[StreamChunk]:
+        self,
+        worker: StageWorker,
+        session: TrunkSession,
+        state: DecodeState,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        caches: tuple[KVCache, KVCache],
+        decoder: TextDecoder | None,
+    ) -> AsyncGenerator[StreamChunk, None]:
         """The decode loop of :meth:`stream`: bottom -> trunk -> top, one chunk per step.
 
         After the prompt's bottom step, each step is one trunk call and one client worker
@@ -198,26 +217,28 @@ class SplitPipeline:
         batch as two half-batches that never meet again).
         """
         hidden = await worker.run_batched(
-            ("bottom", id(self.bottom), _batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
+            ("bottom", id(self.bottom), batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
         )  # (B, T, H)
         key = ("step", id(self.top), id(self.bottom))
         while True:
             self._stepping += 1
             try:
-                hidden = await session.forward(hidden, mask[:, -ids.shape[1]:], pos)  # (B, T, H)
+                hidden = await session.forward(hidden, mask[:, -ids.shape[1] :], pos)  # (B, T, H)
                 result = await worker.run_batched(
-                    (*key, _batch_length(hidden.shape[1])), (hidden, mask, pos, caches[1], state, caches[0]),
+                    (*key, batch_length(hidden.shape[1])),
+                    (hidden, mask, pos, caches[1], state, caches[0]),
                     self._step_batch,
                 )
             finally:
                 self._stepping -= 1
             if isinstance(result, Exception):  # this stream failed, the batch did not
                 raise result
-            ids, mask, pos, hidden = result  # the next tokens (B, 1) and their bottom output (B, 1, H)
+            ids, mask, pos, next_hidden = result  # the next tokens (B, 1) and their bottom output (B, 1, H)
             tokens = ids[:, 0]
             yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
-            if hidden is None:
+            if next_hidden is None:
                 return
+            hidden = next_hidden
 
     async def generate(
         self,
@@ -252,17 +273,28 @@ class SplitPipeline:
         Raises:
             ValueError: bad arguments (shapes, right padding, sampling settings).
             ConfigError: the trunk's layers or model do not fit the bottom and top.
-            TrunkTimeout: ``timeout_s`` passed.
+            TrunkTimeout: ``timeout_s`` passed (or one trunk call its ``step_timeout_s``).
             TrunkError: the trunk failed (see the error tree).
         """
         run = self._generate(
-            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-            eos_token_id, pad_token_id, seed,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
         )
         if timeout_s is None:
             return await run
+        # asyncio.wait_for, not an anyio cancel scope: see ``client/_remote_session.py``
         try:
             return await asyncio.wait_for(run, timeout_s)
+        except TrunkTimeout:  # a trunk call's own deadline (a TimeoutError too): not this one
+            raise
         except asyncio.TimeoutError:
             raise TrunkTimeout(
                 f"generate() ran past its deadline of timeout_s={timeout_s} s and was cancelled; "
@@ -270,14 +302,30 @@ class SplitPipeline:
             ) from None
 
     async def _generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, do_sample: bool,
-        temperature: float, top_k: int | None, top_p: float | None, eos_token_id: Any, pad_token_id: int | None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        eos_token_id: Any,
+        pad_token_id: int | None,
         seed: int | None,
     ) -> torch.Tensor:
         steps: list[torch.Tensor] = []
         stream = self.stream(
-            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-            eos_token_id, pad_token_id, seed,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
         )
         async with contextlib.aclosing(stream):
             async for chunk in stream:
@@ -297,7 +345,7 @@ class SplitPipeline:
         """
         input_ids, attention_mask = self.encode(prompt)
         out = await self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
-        return str(self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+        return str(self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
 
     def encode(self, prompt: str | Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask ``(1, T)`` of a prompt string or chat messages."""
@@ -318,91 +366,8 @@ class SplitPipeline:
             if self._owns_worker and self._worker is not None:
                 await self._worker.stop()
 
-    async def __aenter__(self) -> "SplitPipeline":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _batch_length(tokens: int) -> int | str:
-    """The part of a batch key that keeps one-token decode steps apart from prompts.
-
-    Prompts of different lengths batch together (left-padded by ``run_stage_batched``);
-    a decode step must not, as it would pay for the longest prompt's length.
-    """
-    return tokens if tokens == 1 else "prompt"
-
-
-def _bottom_steps(bottom: Any, calls: list[tuple[Any, ...]]) -> list[torch.Tensor]:
-    """(worker) The bottom steps ``(ids (B_i, T), mask, positions, cache)`` of several streams in one call.
-
-    Returns each stream's hidden states ``(B_i, T, H)``. Raises only if the call failed as a
-    whole, and then no cache has advanced (the worker retries each stream alone).
-    """
-    return run_stage_batched(bottom, calls)
-
-
-_StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, DecodeState, Any]
-_StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-
-
-def _top_bottom_steps(top: Any, bottom: Any, calls: list[_StepCall]) -> list[_StepResult | Exception]:
-    """(worker) One decode step of several streams: top, next tokens, bottom, in one worker item.
-
-    Each call is ``(hidden (B_i, T, H), mask, positions, top cache, state, bottom cache)``.
-    Returns per stream ``(ids (B_i, 1), mask, positions, hidden (B_i, 1, H) or None when the
-    stream is done)`` or the exception that stream raised. Raises only if the top call
-    itself failed (then no cache has advanced); once the top's caches have advanced,
-    nothing may make the worker run the batch again, so later failures are per stream.
-    """
-    logits = run_stage_batched(top, [call[:4] for call in calls], logits_to_keep=1)  # each (B_i, 1, V)
-    results: list[_StepResult | Exception] = []
-    bottom_calls: list[tuple[int, tuple[Any, ...]]] = []
-    for k, ((_, _, _, _, state, bottom_cache), rows) in enumerate(zip(calls, logits)):
-        try:
-            ids, mask, pos = state.advance(rows[:, -1])
-        except Exception as exc:
-            results.append(exc)
-            continue
-        results.append((ids, mask, pos, None))
-        if not state.done:
-            bottom_calls.append((k, (ids, mask, pos, bottom_cache)))
-    if bottom_calls:
-        try:
-            hidden = run_stage_batched(bottom, [call for _, call in bottom_calls])
-        except Exception:  # no bottom cache advanced: find the stream that fails, alone
-            hidden = []
-            for _, call in bottom_calls:
-                try:
-                    hidden.append(run_stage_batched(bottom, [call])[0])
-                except Exception as exc:
-                    hidden.append(exc)
-        for (k, _), h in zip(bottom_calls, hidden):
-            done = results[k]
-            results[k] = h if isinstance(h, Exception) else (*done[:3], h)  # type: ignore[index]
-    return results
-
-
-class _TextDecoder:
-    """Turns each row's growing token list into new text pieces (multi-byte safe)."""
-
-    def __init__(self, tokenizer: Any, batch: int) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.shown = [""] * batch
-
-    def feed(self, tokens: torch.Tensor, state: DecodeState) -> list[str]:
-        pieces = []
-        for row, token in enumerate(tokens.tolist()):
-            if token in state.eos or (self.tokens[row] and self.tokens[row][-1] in state.eos):
-                pieces.append("")
-                continue
-            self.tokens[row].append(token)
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-                pieces.append("")
-                continue
-            pieces.append(text[len(self.shown[row]):])
-            self.shown[row] = text
-        return pieces

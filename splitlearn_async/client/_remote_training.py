@@ -17,10 +17,12 @@ import torch
 
 from .. import protocol as proto
 from ..errors import ClientClosed, TrunkError, WireError
-from ..training._config import LoraConfig, OptimizerConfig, check_adapter_id
-from ._training import TrainingSession, TrunkState
+from ..training import LoraConfig, OptimizerConfig, TrunkState, check_adapter_id
+from ..wire import Kind
+from ._connection import UnaryCaller
+from ._training import TrainingSession
 
-__all__ = ["RemoteTrainingSession", "open_remote_training", "load_remote_adapter", "delete_remote_adapter"]
+__all__ = ["RemoteTrainingSession", "delete_remote_adapter", "load_remote_adapter", "open_remote_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def _reply(body: bytes, what: str) -> dict[str, Any]:
 
 
 async def open_remote_training(
-    remote: Any,
+    remote: UnaryCaller,
     mode: str = "lora",
     *,
     lora: LoraConfig | None = None,
@@ -45,7 +47,7 @@ async def open_remote_training(
     """Open a training session on the server behind ``remote`` (a :class:`RemoteTrunk`).
 
     Args:
-        remote: The RemoteTrunk (its ``unary`` coroutine and ``config.wire_dtype`` are used).
+        remote: The RemoteTrunk (its ``unary`` calls and ``wire_dtype`` are used).
         mode: ``"lora"``, ``"full"`` (the server must allow it) or ``"frozen"``.
         lora: Settings of a new adapter.
         optimizer: The server-side optimizer's settings; default ``OptimizerConfig()``.
@@ -64,32 +66,38 @@ async def open_remote_training(
     """
     check_adapter_id(adapter_id, "adapter_id", allow_none=True)
     body = proto.build_train_open(
-        mode, (optimizer or OptimizerConfig()).to_wire(), (lora or LoraConfig()).to_wire() if mode == "lora" else None,
-        adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state,
+        mode,
+        (optimizer or OptimizerConfig()).to_wire(),
+        (lora or LoraConfig()).to_wire() if mode == "lora" else None,
+        adapter_id=adapter_id,
+        weights=weights,
+        optimizer_state=optimizer_state,
     )
     what = f"opening a {mode} training session"
     reply = _reply(await remote.unary(proto.METHOD_TRAIN_OPEN, body, what=what, retry=False), what)
     return RemoteTrainingSession(remote, reply)
 
 
-async def load_remote_adapter(remote: Any, adapter_id: str, weights: bytes) -> None:
+async def load_remote_adapter(remote: UnaryCaller, adapter_id: str, weights: bytes) -> None:
     """Load a saved adapter (safetensors bytes) on the server under ``adapter_id``.
 
     Raises:
+        ConfigError: a malformed adapter id.
+        AlreadyExists: an adapter of that name is loaded.
         TrunkRejected: the file does not fit the server's trunk.
-        TrunkError: the name is taken (``ALREADY_EXISTS``) or another failure.
+        TrunkError: any other failure.
     """
     check_adapter_id(adapter_id)
     what = f"loading adapter {adapter_id!r}"
     await remote.unary(proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter(adapter_id, weights), what=what, retry=False)
 
 
-async def delete_remote_adapter(remote: Any, adapter_id: str) -> None:
+async def delete_remote_adapter(remote: UnaryCaller, adapter_id: str) -> None:
     """Unload the server's adapter ``adapter_id``.
 
     Raises:
         SessionNotFound: no such adapter.
-        TrunkRejected: it is being trained.
+        PreconditionFailed: it is being trained.
     """
     what = f"deleting adapter {adapter_id!r}"
     await remote.unary(proto.METHOD_DELETE_ADAPTER, proto.build_delete_adapter(adapter_id), what=what, retry=False)
@@ -98,7 +106,7 @@ async def delete_remote_adapter(remote: Any, adapter_id: str) -> None:
 class RemoteTrainingSession(TrainingSession):
     """A training session on a trunk server (see :class:`TrainingSession` for the methods)."""
 
-    def __init__(self, remote: Any, opened: dict[str, Any]) -> None:
+    def __init__(self, remote: UnaryCaller, opened: dict[str, Any]) -> None:
         self._remote = remote
         try:
             self.training_id = str(opened["training_id"])
@@ -107,7 +115,7 @@ class RemoteTrainingSession(TrainingSession):
             raise TrunkError(f"the server's reply to TrainOpen lacks {exc}; is it a splitlearn-async server?") from None
         self.adapter_id = opened.get("adapter_id")
         self.trainable_parameters = int(opened.get("trainable_parameters", 0))
-        self._wire_dtype = getattr(remote, "_wire_dtype", None)
+        self._wire_dtype = remote.wire_dtype
         self._closed = False
 
     def _check(self, action: str) -> None:
@@ -115,21 +123,26 @@ class RemoteTrainingSession(TrainingSession):
             raise ClientClosed(f"Cannot {action}, as this training session has been closed.")
 
     async def _call(self, method: str, body: bytes, what: str) -> bytes:
-        reply: bytes = await self._remote.unary(method, body, what=f"{what} of training session {self.training_id}", retry=False)
-        return reply
+        return await self._remote.unary(
+            method, body, what=f"{what} of training session {self.training_id}", retry=False
+        )
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         self._check("run a training forward")
-        body = proto.build_train_forward(self.training_id, hidden, attention_mask, position_ids, wire_dtype=self._wire_dtype)
+        body = proto.build_train_forward(
+            self.training_id, hidden, attention_mask, position_ids, wire_dtype=self._wire_dtype
+        )
         reply = await self._call(proto.METHOD_TRAIN_FORWARD, body, "a training forward")
         try:
             out, step_id = proto.parse_train_forward_result(reply, hidden_size=hidden.shape[-1])
         except WireError as exc:
             raise TrunkError(f"the server's reply to a training forward is malformed: {exc}") from exc
         if tuple(out.shape) != tuple(hidden.shape):
-            raise TrunkError(f"the server answered a training forward with shape {list(out.shape)}, expected {list(hidden.shape)}.")
+            raise TrunkError(
+                f"the server answered a training forward with shape {list(out.shape)}, expected {list(hidden.shape)}."
+            )
         return out.to(hidden.dtype), step_id  # (B, T, H)
 
     async def evaluate(
@@ -158,13 +171,13 @@ class RemoteTrainingSession(TrainingSession):
 
     async def optimizer_step(self) -> int:
         self._check("step the optimizer")
-        body = proto.build_training_call(proto.Kind.STEP, self.training_id)
+        body = proto.build_training_call(Kind.STEP, self.training_id)
         reply = _reply(await self._call(proto.METHOD_OPTIMIZER_STEP, body, "an optimizer step"), "an optimizer step")
         return int(reply.get("optimizer_steps", 0))
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:
         self._check("save the training state")
-        body = proto.build_training_call(proto.Kind.SAVE, self.training_id, optimizer=optimizer)
+        body = proto.build_training_call(Kind.SAVE, self.training_id, optimizer=optimizer)
         reply = _reply(await self._call(proto.METHOD_TRAIN_SAVE, body, "saving the state"), "saving the state")
         return TrunkState(self.mode, bytes(reply.get("weights", b"")), reply.get("optimizer_state"), self.adapter_id)
 
@@ -172,9 +185,9 @@ class RemoteTrainingSession(TrainingSession):
         if self._closed:
             return
         self._closed = True
-        if getattr(self._remote, "closed", False):
+        if self._remote.closed:
             return  # the channel is gone; the server frees the session when it expires
-        body = proto.build_training_call(proto.Kind.CLOSE, self.training_id)
+        body = proto.build_training_call(Kind.CLOSE, self.training_id)
         try:
             await self._call(proto.METHOD_TRAIN_CLOSE, body, "closing")
         except TrunkError as exc:  # the server may have expired it already

@@ -19,17 +19,31 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ClientClosed, ConfigError
-from ..worker import StageWorker
+from ..models.positions import prompt_positions
+from ..models.stages import BottomStage, TopStage
 from ..training import IGNORE_INDEX, TrainingConfig, causal_lm_loss
+from ..worker import StageWorker
+from ._protocols import TrainableTrunk
+from ._training import TrainingSession
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["SplitTrainer"]
 
 logger = logging.getLogger(__name__)
+
+#: A training batch: ``input_ids (B, T)``, or a map of ``input_ids`` and optional
+#: ``attention_mask``, ``labels`` and ``position_ids``, each ``(B, T)``.
+Batch = Mapping[str, torch.Tensor] | torch.Tensor
+#: What the bottom's forward hands on: ``(hidden with graph, hidden to send, mask, positions, labels)``.
+_BottomOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class SplitTrainer:
     """Trains a split model: bottom and top here, the trunk behind a training session.
@@ -40,8 +54,7 @@ class SplitTrainer:
 
     Args:
         bottom: The client's :class:`BottomStage`.
-        trunk: A ``LocalTrunk`` or a ``RemoteTrunk`` (anything with ``open_training``, or a
-            ``RemoteTrunk``'s ``unary`` call).
+        trunk: A ``LocalTrunk`` or a ``RemoteTrunk`` (any :class:`~._protocols.TrainableTrunk`).
         top: The client's :class:`TopStage`.
         config: What trains and how; ``None`` uses ``TrainingConfig()`` (LoRA on the trunk).
         loss_fn: ``loss_fn(logits (B, T, V), labels (B, T)) -> scalar``; default
@@ -55,9 +68,9 @@ class SplitTrainer:
 
     def __init__(
         self,
-        bottom: Any,
-        trunk: Any,
-        top: Any,
+        bottom: BottomStage,
+        trunk: TrainableTrunk,
+        top: TopStage,
         config: TrainingConfig | None = None,
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -78,12 +91,14 @@ class SplitTrainer:
         self.client_parameters = list(params.values())
         # back-propagate into the bottom only if something there trains (tied embeddings count)
         self._bottom_trains = any(id(p) in params for p in bottom.parameters())
-        self.optimizer = config.optimizer.build(self.client_parameters) if self.client_parameters else None
+        self.optimizer: torch.optim.Optimizer | None = (
+            config.optimizer.build(self.client_parameters) if self.client_parameters else None
+        )
         if self.optimizer is None and config.trunk == "frozen":
             raise ConfigError("nothing would train: train_bottom and train_top are off and the trunk is frozen.")
         self._worker = worker
         self._owns_worker = worker is None
-        self._session: Any = None
+        self._session: TrainingSession | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
         self.micro_steps = 0  #: step() calls so far
@@ -100,7 +115,7 @@ class SplitTrainer:
             await self._worker.start()
         return self._worker
 
-    async def session(self) -> Any:
+    async def session(self) -> TrainingSession:
         """The trunk's training session, opened on first use.
 
         Raises:
@@ -109,22 +124,21 @@ class SplitTrainer:
         """
         async with self._open_lock:
             if self._session is None:
+                if not hasattr(self.trunk, "open_training"):  # an untyped caller passed a stage or the like
+                    raise ConfigError(f"{type(self.trunk).__name__} cannot train: pass a LocalTrunk or a RemoteTrunk.")
                 c = self.config
-                kwargs: dict[str, Any] = dict(
+                self._session = await self.trunk.open_training(
+                    c.trunk,
                     lora=c.lora,
                     optimizer=c.effective_trunk_optimizer,
                     adapter_id=c.adapter_id if c.trunk == "lora" else None,
                 )
-                if hasattr(self.trunk, "open_training"):
-                    self._session = await self.trunk.open_training(c.trunk, **kwargs)
-                else:
-                    raise ConfigError(f"{type(self.trunk).__name__} cannot train: pass a LocalTrunk or a RemoteTrunk.")
-        return self._session
+            return self._session
 
     @property
     def adapter_id(self) -> str | None:
         """The trunk adapter being trained (after the first step), for inference sessions."""
-        return getattr(self._session, "adapter_id", None)
+        return None if self._session is None else self._session.adapter_id
 
     async def aclose(self) -> None:
         """Close the trunk's training session (a trained adapter stays loaded there) and the worker."""
@@ -136,7 +150,7 @@ class SplitTrainer:
         if self._owns_worker and self._worker is not None:
             await self._worker.stop()
 
-    async def __aenter__(self) -> SplitTrainer:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -146,7 +160,7 @@ class SplitTrainer:
 
     # --- training ----------------------------------------------------------------------------
 
-    async def step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+    async def step(self, batch: Batch) -> float:
         """One micro-batch: forward, backward through all three stages, and (every
         ``accumulation_steps``-th call) one optimizer step on the client and the trunk.
 
@@ -181,7 +195,7 @@ class SplitTrainer:
             self.optimizer_steps += 1
         return loss
 
-    async def evaluate(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+    async def evaluate(self, batch: Batch) -> float:
         """The loss on ``batch`` with the current weights (trunk adapter included); nothing trains.
 
         Args:
@@ -212,10 +226,8 @@ class SplitTrainer:
 
     # --- worker-thread halves ----------------------------------------------------------------
 
-    def _bottom_forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, grad: bool = True) -> tuple[Any, ...]:
+    def _bottom_forward(self, batch: Batch, grad: bool = True) -> _BottomOut:
         """(client worker) Bottom forward (keeping its graph if ``grad``); returns what the trunk needs."""
-        from ..models.positions import prompt_positions
-
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
         if "input_ids" not in batch:
@@ -246,7 +258,7 @@ class SplitTrainer:
         logits = self.top(out_leaf, mask.to(device), positions.to(device))  # (B, T, V)
         loss = self.loss_fn(logits, labels)
         if self.config.train_top:
-            (loss * scale).backward()
+            torch.autograd.backward(loss * scale)
             grad = out_leaf.grad
         else:  # only d loss / d out: no gradients for the top's weights (the LM head is large)
             (grad,) = torch.autograd.grad(loss * scale, out_leaf)
@@ -266,11 +278,12 @@ class SplitTrainer:
     def _bottom_backward(self, hidden: torch.Tensor, grad_in: torch.Tensor, apply: bool) -> None:
         """(client worker) Finish the backward into the bottom; step the client optimizer if ``apply``."""
         if self._bottom_trains:
-            hidden.backward(grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
+            torch.autograd.backward(hidden, grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
         if apply and self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
     def _discard_client_grads(self) -> None:
+        """(client worker) Drop the client gradients of a step that failed half-way."""
         for p in self.client_parameters:
             p.grad = None

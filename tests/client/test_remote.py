@@ -188,6 +188,33 @@ async def test_generate_deadline_cancels_and_closes_the_session():
             assert remote.sessions_open == 0
 
 
+async def test_generate_deadline_during_the_prompt_raises_trunk_timeout():
+    # the deadline lands while the session's stream starts (grpc.aio's most delicate moment
+    # for cancellation): still our TrunkTimeout, never a bare CancelledError
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4])
+    async with served(_SlowTrunk(trunk, 1.0)) as server:
+        async with RemoteTrunk(f"127.0.0.1:{server.port}") as remote, SplitPipeline(bottom, remote, top) as p:
+            with pytest.raises(TrunkTimeout, match=r"^generate\(\) ran past its deadline of timeout_s=0\.2 s"):
+                await p.generate(ids, mask, max_new_tokens=3, timeout_s=0.2)
+            assert remote.sessions_open == 0
+        await wait_until(lambda: server.sessions_open == 0)
+
+
+async def test_a_step_deadline_inside_a_generate_deadline_keeps_its_own_message():
+    # TrunkTimeout is a TimeoutError too: generate() must not take it for its own deadline
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([4])
+    async with served(_SlowTrunk(trunk, 1.0)) as server:
+        config = ClientConfig(step_timeout_s=0.2)
+        async with RemoteTrunk(f"127.0.0.1:{server.port}", config) as remote, SplitPipeline(bottom, remote, top) as p:
+            with pytest.raises(TrunkTimeout, match=r"got no answer within step_timeout_s=0\.2 s"):
+                await p.generate(ids, mask, max_new_tokens=3, timeout_s=60.0)
+        await wait_until(lambda: server.sessions_open == 0)
+
+
 async def test_cancelling_generate_closes_the_server_session():
     model = tiny_model("gemma")
     bottom, trunk, top = split_model(model, (2, 4))
