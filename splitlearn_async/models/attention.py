@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["ATTENTION_NAME", "AttentionContext", "PlainContext", "CacheContext", "ensure_registered"]
+if TYPE_CHECKING:
+    from .cache import CacheGroup
+
+__all__ = ["ATTENTION_NAME", "AttentionContext", "CacheContext", "PlainContext", "ensure_registered"]
+
+# What a transformers attention kernel returns: the output ``(B, T, H, D)`` and, from
+# eager kernels, the attention weights (sdpa returns None).
+AttentionOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 ATTENTION_NAME = "splitlearn"
 SUPPORTED_BASES = ("sdpa", "eager")
@@ -49,8 +56,8 @@ def _splitlearn_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    ctx = kwargs.pop("splitlearn_attention", None)
+) -> AttentionOutput:
+    ctx: AttentionContext | None = kwargs.pop("splitlearn_attention", None)
     if ctx is None:
         raise RuntimeError(
             "A splitlearn stage layer was called without its attention context; call the stage "
@@ -96,7 +103,7 @@ class AttentionContext:
         value: torch.Tensor,
         sliding_window: int | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> AttentionOutput:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         keys, values = self.keys_values(module, key, value)  # (B, Hkv, L, D)
@@ -105,19 +112,25 @@ class AttentionContext:
             self._masks[window] = self._build_mask(keys.shape[2], window, query.dtype, query.device)
         mask = self._masks[window]
         if self.base == "eager":  # each modeling file has its own eager kernel, as HF layers use
-            kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+            kernel = sys.modules[type(module).__module__].eager_attention_forward
         else:
             kernel = ALL_ATTENTION_FUNCTIONS[self.base]
-        return kernel(module, query, keys, values, mask, **kwargs)
+        output: AttentionOutput = kernel(module, query, keys, values, mask, **kwargs)
+        return output
 
     def _build_mask(
         self, kv_len: int, window: int | None, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor | None:
         valid = self.valid
         all_valid = valid is None or bool(valid.all())
-        if self.base == "sdpa" and all_valid and self.uniform and (self.q_len == 1 or self.q_len == kv_len):
-            if window is None or kv_len < window:
-                return None  # sdpa's is_causal (or no mask for one query) is exact here
+        if (
+            self.base == "sdpa"
+            and all_valid
+            and self.uniform
+            and (self.q_len == 1 or self.q_len == kv_len)
+            and (window is None or kv_len < window)
+        ):
+            return None  # sdpa's is_causal (or no mask for one query) is exact here
         q_start = self.q_start
         if isinstance(q_start, torch.Tensor):
             q_start = q_start.to(device)[:, None]  # (B, 1)
@@ -141,7 +154,9 @@ class PlainContext(AttentionContext):
     def __init__(self, base: str, q_len: int, valid: torch.Tensor | None) -> None:
         super().__init__(base, 0, q_len, valid)
 
-    def keys_values(self, module, key, value):
+    def keys_values(
+        self, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return key, value
 
 
@@ -158,7 +173,7 @@ class CacheContext(AttentionContext):
     unsplit model does.
     """
 
-    def __init__(self, base: str, group: Any, q_len: int, new_slots: torch.Tensor) -> None:
+    def __init__(self, base: str, group: CacheGroup, q_len: int, new_slots: torch.Tensor) -> None:
         lengths = group.lengths()  # (B,) columns before this call
         pads = group.pads(q_len)  # (B,) left padding of rows with fewer new tokens
         q_start = lengths - pads  # (B,) cache column of each row's first query (pads: before it)
@@ -168,7 +183,8 @@ class CacheContext(AttentionContext):
         kv_len = int(ends.max())
         gather = torch.zeros(group.batch_size, kv_len, dtype=torch.long)  # slot 0: the padding slot
         valid = torch.zeros(group.batch_size, kv_len, dtype=torch.bool, device=group.pool.device)
-        for cache, rows, end in zip(group.caches, group.slices(), ends[[s.start for s in group.slices()]].tolist()):
+        starts = [s.start for s in group.slices()]
+        for cache, rows, end in zip(group.caches, group.slices(), ends[starts].tolist(), strict=True):
             gather[rows, :end] = cache.slots[:, :end]
             valid[rows, :end] = cache.valid[:, :end]
         super().__init__(base, q_start if not uniform else int(q_start[0]), q_len, valid, uniform)
@@ -181,9 +197,13 @@ class CacheContext(AttentionContext):
         self.write_slots = flat[real].to(device)
         self.gather_slots = gather.reshape(-1).to(device)  # (B * Lmax,)
 
-    def keys_values(self, module, key, value):
+    def keys_values(
+        self, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, t, d = key.shape
-        k_store, v_store = self.pool.storage(module.layer_idx, key)  # (capacity, Hkv, D)
+        # an int attribute of every HF attention module; nn.Module.__getattr__ is typed for tensors and submodules
+        layer: int = module.layer_idx  # type: ignore[assignment]
+        k_store, v_store = self.pool.storage(layer, key)  # (capacity, Hkv, D)
         k_new = key.transpose(1, 2).reshape(b * t, h, d)
         v_new = value.transpose(1, 2).reshape(b * t, h, d)
         if self.write_rows is not None:  # left padding is not stored

@@ -31,9 +31,9 @@ import torch
 from .._version import __version__
 from ..errors import BundleCorruptError, BundleError, MissingPartError
 from .sources import TensorSource
-from .stages import PARTS, SplitStages, Stage
+from .stage_classes import PARTS, SplitStages, Stage
 
-__all__ = ["save_stages", "replace_dir", "BundleSource", "is_bundle", "FORMAT", "FORMAT_VERSION", "read_manifest"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "BundleSource", "is_bundle", "read_manifest", "replace_dir", "save_stages"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
-    data = config.to_dict()
+    data: dict[str, Any] = config.to_dict()
     for key in list(data):
         if key.startswith("_attn") or key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             data.pop(key)
@@ -68,9 +68,7 @@ def _is_tied(stages: SplitStages) -> bool:
     return stages.top.lm_head.weight is stages.bottom.embed.weight
 
 
-def save_stages(
-    stages: SplitStages | Any, directory: str | os.PathLike[str], tokenizer: Any = None
-) -> Path:
+def save_stages(stages: SplitStages | Any, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Write each present stage to ``directory/<part>/`` (and the tokenizer, if given).
 
     Args:
@@ -133,7 +131,9 @@ def _manifest(stage: Stage, tensors: dict[str, torch.Tensor], tied: dict[str, st
         "num_hidden_layers": int(stage.config.num_hidden_layers),
         "dtype": str(stage.dtype).removeprefix("torch."),
         "config": _config_dict(stage.config),
-        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
+        "tensors": {
+            n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()
+        },
         "tied": tied,
         "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
     }
@@ -153,11 +153,15 @@ def read_manifest(part_dir: Path) -> dict[str, Any]:
     """
     path = part_dir / MANIFEST
     if not path.is_file():
-        raise BundleCorruptError(f"{path} is missing; the bundle part is incomplete. Re-create it with `splitlearn split`.")
+        raise BundleCorruptError(
+            f"{path} is missing; the bundle part is incomplete. Re-create it with `splitlearn split`."
+        )
     try:
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleCorruptError(f"{path} is not valid JSON ({exc}); re-create the bundle with `splitlearn split`.") from exc
+        raise BundleCorruptError(
+            f"{path} is not valid JSON ({exc}); re-create the bundle with `splitlearn split`."
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a splitlearn-async stage manifest (format {FORMAT!r} expected).")
     version = manifest.get("format_version")
@@ -190,7 +194,11 @@ class BundleSource(TensorSource):
                 partial = [p for p in PARTS if (path / p).is_dir()]
                 raise BundleCorruptError(
                     f"{path} is not a stage bundle: "
-                    + (f"{', '.join(partial)}/ lack(s) {MANIFEST}." if partial else f"no bottom/, trunk/ or top/ with {MANIFEST}.")
+                    + (
+                        f"{', '.join(partial)}/ lack(s) {MANIFEST}."
+                        if partial
+                        else f"no bottom/, trunk/ or top/ with {MANIFEST}."
+                    )
                 )
         for part in parts:
             if part not in part_dirs:
@@ -267,7 +275,8 @@ class BundleSource(TensorSource):
         if part is None:
             raise BundleCorruptError(f"tensor {name!r} is not recorded in the manifests of {self.description}.")
         try:
-            return self._open(part).get_tensor(name)
+            tensor: torch.Tensor = self._open(part).get_tensor(name)
+            return tensor
         except BundleError:
             raise
         except Exception as exc:  # safetensors raises plain errors for damaged payloads

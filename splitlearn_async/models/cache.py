@@ -22,11 +22,13 @@ thread, so a step in flight never sees its slots handed to another cache.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
+
 import torch
 
-__all__ = ["KVPool", "KVCache", "CacheGroup", "CacheReleased"]
+__all__ = ["CacheGroup", "CacheReleased", "KVCache", "KVPool"]
 
 _PAD_SLOT = 0
 
@@ -253,7 +255,7 @@ class KVCache:
 class _Held:
     """A cache's slot table and how many of its columns hold slots; what its finalizer frees."""
 
-    __slots__ = ("slots", "count")
+    __slots__ = ("count", "slots")
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots  # (batch_size, capacity) slot ids
@@ -308,7 +310,7 @@ class CacheGroup:
 
     def slices(self) -> list[slice]:
         """The batch rows of each cache."""
-        return [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
+        return [slice(a, b) for a, b in itertools.pairwise(self.offsets)]
 
     def lengths(self) -> torch.Tensor:
         """Columns each row held before this call: ``(batch_size,)``."""
@@ -318,9 +320,12 @@ class CacheGroup:
         """Left padding of each row in a call of ``width`` new columns: ``(batch_size,)``."""
         if self.new_tokens is None:
             return torch.zeros(self.batch_size, dtype=torch.long)
-        return torch.cat([
-            torch.full((c.batch_size,), width - t, dtype=torch.long) for c, t in zip(self.caches, self.new_tokens)
-        ])
+        return torch.cat(
+            [
+                torch.full((c.batch_size,), width - t, dtype=torch.long)
+                for c, t in zip(self.caches, self.new_tokens, strict=True)
+            ]
+        )
 
     def positions(self, length: int, device: torch.device) -> torch.Tensor:
         """Default position ids ``(batch_size, length)``: each cache's columns so far + arange."""
@@ -334,14 +339,12 @@ class CacheGroup:
         error is raised.
         """
         if new_valid.shape[0] != self.batch_size:
-            raise ValueError(
-                f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}."
-            )
+            raise ValueError(f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}.")
         width = new_valid.shape[1]
         counts = self.new_tokens or [width] * len(self.caches)
         slots = []
         try:
-            for cache, rows, count in zip(self.caches, self.slices(), counts):
+            for cache, rows, count in zip(self.caches, self.slices(), counts, strict=True):
                 new = cache.begin(new_valid[rows, width - count :])
                 if count < width:
                     new = torch.cat([torch.full((new.shape[0], width - count), -1, dtype=torch.long), new], dim=1)

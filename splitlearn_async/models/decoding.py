@@ -9,14 +9,15 @@ share it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from .positions import prompt_positions
 
-__all__ = ["SamplingConfig", "DecodeState", "stream_local", "generate_local"]
+__all__ = ["DecodeState", "SamplingConfig", "generate_local", "stream_local"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}.")
@@ -148,9 +151,7 @@ class DecodeState:
         tokens = self.choose(logits)
         tokens = torch.where(self.unfinished, tokens, torch.full_like(tokens, self.pad_token_id))
         self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=1)
-        self.attention_mask = torch.cat(
-            [self.attention_mask, torch.ones(self.batch_size, 1, dtype=torch.long)], dim=1
-        )
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones(self.batch_size, 1, dtype=torch.long)], dim=1)
         if self._eos_tensor is not None:
             self.unfinished &= ~torch.isin(tokens, self._eos_tensor)
         self.generated += 1
@@ -186,8 +187,9 @@ def stream_local(
             with torch.no_grad():
                 hidden = bottom(ids.to(bottom.device), mask.to(bottom.device), pos.to(bottom.device), cache=caches[0])
                 hidden = trunk(hidden.to(trunk.device), mask.to(trunk.device), pos.to(trunk.device), cache=caches[1])
-                logits = top(hidden.to(top.device), mask.to(top.device), pos.to(top.device), cache=caches[2],
-                             logits_to_keep=1)  # (B, 1, V)
+                logits = top(
+                    hidden.to(top.device), mask.to(top.device), pos.to(top.device), cache=caches[2], logits_to_keep=1
+                )  # (B, 1, V)
             ids, mask, pos = state.advance(logits[:, -1])  # (B, 1) tokens
             yield ids[:, 0]
     finally:

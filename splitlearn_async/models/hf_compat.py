@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["cache_argument", "cache_kwargs", "output_cache"]
@@ -18,15 +19,16 @@ __all__ = ["cache_argument", "cache_kwargs", "output_cache"]
 _NEW, _OLD = "cache", "past_key_values"
 
 
-@functools.lru_cache(maxsize=None)
-def _argument_for(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
+@functools.cache
+def _argument_for(forward: Callable[..., Any]) -> str:
+    """The cache argument's name in the signature of a module class's ``forward``."""
+    params = inspect.signature(forward).parameters
     return _NEW if _NEW in params else _OLD
 
 
 def cache_argument(module: Any) -> str:
     """The name under which ``module.forward`` takes its KV cache: ``"cache"`` or ``"past_key_values"``."""
-    return _argument_for(type(module))
+    return _argument_for(type(module).forward)
 
 
 def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:

@@ -12,13 +12,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CheckpointError, ModelError
 
-__all__ = ["TensorSource", "SafetensorsDirSource", "GGUFSource", "open_source"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["GGUFSource", "SafetensorsDirSource", "TensorSource", "open_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,8 @@ class SafetensorsDirSource(TensorSource):
         for path in files:
             handle = safe_open(str(path), framework="pt")
             self._handles[path] = handle
-            for key in handle.keys():
+            # safe_open handles are not iterable, and safetensors' stub leaves keys() unannotated
+            for key in handle.keys():  # type: ignore[no-untyped-call]  # noqa: SIM118
                 self._index[key] = path
 
     def _resolve(self, name: str) -> str | None:
@@ -85,7 +89,8 @@ class SafetensorsDirSource(TensorSource):
         key = self._resolve(name)
         if key is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.description}.")
-        return self._handles[self._index[key]].get_tensor(key)
+        tensor: torch.Tensor = self._handles[self._index[key]].get_tensor(key)
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()
@@ -110,10 +115,12 @@ class GGUFSource(TensorSource):
 
         self.description = str(path)
         self.config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        # transformers' GGUF utilities are unannotated
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # type: ignore[no-untyped-call]
         self._reader = GGUFReader(str(path))
         architecture = str(self._reader.fields["general.architecture"].contents())
-        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+        processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+        self._processor = processor_class(config=parsed["config"])  # type: ignore[no-untyped-call]
         skeleton = _empty_model(self.config)
         hf_by_gguf = get_gguf_hf_weights_map(skeleton, self._processor)
         self._tensors = {t.name: t for t in self._reader.tensors}
@@ -133,7 +140,7 @@ class GGUFSource(TensorSource):
             raise CheckpointError(f"tensor {name!r} is not in the GGUF file {self.description}.")
         tensor = self._tensors[gguf_name]
         weights = dequantize(tensor.data, tensor.tensor_type)
-        result = self._processor.process(
+        result = self._processor.process(  # type: ignore[no-untyped-call]  # unannotated in transformers
             weights=weights, name=gguf_name, tensor_key_mapping=self._by_hf_map, parsed_parameters={}
         )
         return torch.from_numpy(np.array(result.weights, copy=True))
@@ -144,10 +151,12 @@ def _empty_model(config: Any) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    # from_config and get_output_embeddings are unannotated in transformers
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     if getattr(config, "tie_word_embeddings", False):  # init_empty_weights skips the tie
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        head.weight = model.get_input_embeddings().weight
     return model
 
 

@@ -13,11 +13,11 @@ from splitlearn_async.wire._tensors import WIRE_DTYPES, decode_tensor, encode_te
 
 __all__ = [
     "WIRE_DTYPES",
-    "encode_tensor",
+    "Kind",
     "decode_tensor",
-    "pack",
-    "unpack",
+    "encode_tensor",
     "field",
     "message_kind",
-    "Kind",
+    "pack",
+    "unpack",
 ]

@@ -15,7 +15,7 @@ import msgpack
 
 from splitlearn_async.errors import WireError
 
-__all__ = ["Kind", "pack", "unpack", "field", "message_kind"]
+__all__ = ["Kind", "field", "message_kind", "pack", "unpack"]
 
 T = TypeVar("T")
 
@@ -108,20 +108,14 @@ def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
             "messages (fewer tokens per step) or raise the limit."
         )
     try:
-        message = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
-        )
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
     except WireError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         # ExtraData, FormatError, StackError and UnicodeDecodeError are all ValueErrors
-        raise WireError(
-            f"the message could not be decoded as msgpack: {type(exc).__name__}: {exc}."
-        ) from exc
+        raise WireError(f"the message could not be decoded as msgpack: {type(exc).__name__}: {exc}.") from exc
     if not isinstance(message, dict):
-        raise WireError(
-            f"the message must be a msgpack map at the top level, got {_got(message)}."
-        )
+        raise WireError(f"the message must be a msgpack map at the top level, got {_got(message)}.")
     return message
 
 
@@ -135,18 +129,33 @@ def _refuse_ext(code: int, data: bytes) -> object:
 
 @overload
 def field(
-    msg: Mapping[str, Any], key: str, type_: type[T], *, name: str | None = None,
-    required: bool = True, default: None = None,
+    msg: Mapping[str, Any],
+    key: str,
+    type_: type[T],
+    *,
+    name: str | None = None,
+    required: bool = True,
+    default: None = None,
 ) -> T: ...
 @overload
 def field(
-    msg: Mapping[str, Any], key: str, type_: type[T], *, name: str | None = None,
-    required: bool = True, default: T,
+    msg: Mapping[str, Any],
+    key: str,
+    type_: type[T],
+    *,
+    name: str | None = None,
+    required: bool = True,
+    default: T,
 ) -> T: ...
 @overload
 def field(
-    msg: Mapping[str, Any], key: str, type_: tuple[type, ...], *, name: str | None = None,
-    required: bool = True, default: Any = None,
+    msg: Mapping[str, Any],
+    key: str,
+    type_: tuple[type, ...],
+    *,
+    name: str | None = None,
+    required: bool = True,
+    default: Any = None,
 ) -> Any: ...
 def field(
     msg: Mapping[str, Any],

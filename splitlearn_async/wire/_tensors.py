@@ -17,7 +17,7 @@ import torch
 
 from splitlearn_async.errors import WireError
 
-__all__ = ["WIRE_DTYPES", "encode_tensor", "decode_tensor"]
+__all__ = ["WIRE_DTYPES", "decode_tensor", "encode_tensor"]
 
 #: Dtype names allowed on the wire, and the torch dtype each one stands for.
 WIRE_DTYPES: Mapping[str, torch.dtype] = {
@@ -130,8 +130,17 @@ def decode_tensor(
 
 def _type_name(value: object) -> str:
     """The msgpack-flavoured name of a decoded value's type, for error messages."""
-    names = {dict: "a map", list: "a list", tuple: "a list", str: "a string", bool: "a bool",
-             int: "an int", float: "a float", bytes: "bytes", type(None): "nil"}
+    names = {
+        dict: "a map",
+        list: "a list",
+        tuple: "a list",
+        str: "a string",
+        bool: "a bool",
+        int: "an int",
+        float: "a float",
+        bytes: "bytes",
+        type(None): "nil",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -144,10 +153,7 @@ def _short(value: object, limit: int = 60) -> str:
 def _frame_fields(obj: object, name: str) -> tuple[object, list[int], bytes | bytearray | memoryview]:
     """The (dtype, shape, data) of a frame, after checking the keys and field types."""
     if not isinstance(obj, dict):
-        raise WireError(
-            f"{name} must be a tensor frame (a map with keys dtype, shape, data), "
-            f"got {_type_name(obj)}."
-        )
+        raise WireError(f"{name} must be a tensor frame (a map with keys dtype, shape, data), got {_type_name(obj)}.")
     keys = set(obj)
     if keys != set(_FRAME_KEYS):
         missing = [k for k in _FRAME_KEYS if k not in keys]
@@ -157,24 +163,16 @@ def _frame_fields(obj: object, name: str) -> tuple[object, list[int], bytes | by
             problems.append(f"lacks {', '.join(missing)}")
         if extra:
             problems.append(f"has unexpected keys {', '.join(extra)}")
-        raise WireError(
-            f"{name} {' and '.join(problems)}; a tensor frame has exactly the keys "
-            "dtype, shape and data."
-        )
+        raise WireError(f"{name} {' and '.join(problems)}; a tensor frame has exactly the keys dtype, shape and data.")
     dims = obj["shape"]
-    if not isinstance(dims, (list, tuple)) or not all(
-        type(d) is int and d >= 0 for d in dims
-    ):
-        raise WireError(
-            f"{name} has shape {_short(dims)}; the shape must be a list of non-negative ints."
-        )
+    if not isinstance(dims, (list, tuple)) or not all(type(d) is int and d >= 0 for d in dims):
+        raise WireError(f"{name} has shape {_short(dims)}; the shape must be a list of non-negative ints.")
     if len(dims) > _MAX_RANK:
         raise WireError(f"{name} has {len(dims)} dims; at most {_MAX_RANK} are accepted.")
     data = obj["data"]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(
-            f"{name} has data of type {_type_name(data)}; data must be msgpack bin "
-            "(raw bytes), not a string or a list."
+            f"{name} has data of type {_type_name(data)}; data must be msgpack bin (raw bytes), not a string or a list."
         )
     if isinstance(data, memoryview):  # count bytes, not items, and never read a strided view
         data = data.cast("B") if data.c_contiguous else data.tobytes()
@@ -185,8 +183,7 @@ def _check_dtype(dtype_name: object, name: str, allowed: Collection[str] | None)
     """The torch dtype for ``dtype_name``, or a WireError if it is unknown or not allowed."""
     if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
         raise WireError(
-            f"{name} has dtype {_short(dtype_name)}, which the wire does not know; use one of "
-            f"{', '.join(WIRE_DTYPES)}."
+            f"{name} has dtype {_short(dtype_name)}, which the wire does not know; use one of {', '.join(WIRE_DTYPES)}."
         )
     if allowed is not None and dtype_name not in allowed:
         raise WireError(
@@ -203,10 +200,9 @@ def _check_shape(dims: list[int], name: str, expected: tuple[int | None, ...] | 
     shown = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
     if len(dims) != len(expected):
         raise WireError(
-            f"{name} has shape {dims} with {len(dims)} dims, but {len(expected)} are "
-            f"expected ({shown}, * = any size)."
+            f"{name} has shape {dims} with {len(dims)} dims, but {len(expected)} are expected ({shown}, * = any size)."
         )
-    for axis, (got, want) in enumerate(zip(dims, expected)):
+    for axis, (got, want) in enumerate(zip(dims, expected, strict=True)):
         if want is not None and got != want:
             raise WireError(
                 f"{name} has shape {dims}, but dim {axis} must be {want} ({shown}, "

@@ -1,0 +1,136 @@
+"""The generic splitter: :func:`split_model` builds bottom, trunk and top from a :class:`Family` record.
+
+One splitter serves every family: the record says where the embeddings, decoder layers,
+final norm, head and rotary live, and the splitter copies those module objects into the
+stages (:mod:`splitlearn_async.models.stage_classes`), sharing their parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from torch import nn
+
+from ..errors import SplitPointError
+from .attention import ATTENTION_NAME, SUPPORTED_BASES, ensure_registered
+from .families import family_for
+from .stage_classes import PARTS, STAGE_CLASSES, BottomStage, SplitStages, Stage, TopStage, TrunkStage
+
+__all__ = ["check_split_points", "get_path", "split_model"]
+
+logger = logging.getLogger(__name__)
+
+_StageT = TypeVar("_StageT", bound=Stage)
+
+
+def get_path(root: nn.Module, path: str) -> Any:
+    """Follow a dotted attribute path from ``root``."""
+    obj: Any = root
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def check_split_points(split_points: Any, num_layers: int) -> tuple[int, int]:
+    """Validate ``(a, b)`` against a model of ``num_layers`` decoder layers.
+
+    Raises:
+        SplitPointError: not two integers with ``0 <= a < b <= num_layers``.
+    """
+    example = f"({max(1, num_layers // 10)}, {num_layers - max(1, num_layers // 10)})"
+    try:
+        a, b = split_points
+    except (TypeError, ValueError):
+        raise SplitPointError(
+            f"split_points must be a pair (a, b), got {split_points!r}; for this model with "
+            f"{num_layers} layers use e.g. {example}."
+        ) from None
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (a, b)):
+        raise SplitPointError(f"split_points must be two integers, got {split_points!r}; e.g. {example}.")
+    if not 0 <= a < b <= num_layers:
+        raise SplitPointError(
+            f"split_points={split_points!r} is invalid for a model with num_hidden_layers={num_layers}: "
+            f"they must satisfy 0 <= a < b <= {num_layers} (bottom = layers [0, a), trunk = [a, b), "
+            f"top = [b, {num_layers})); e.g. {example}."
+        )
+    return a, b
+
+
+def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[str, ...] = PARTS) -> SplitStages:
+    """Split a loaded Hugging Face causal LM into bottom, trunk and top stages.
+
+    Args:
+        model: A ``*ForCausalLM`` of a supported family (see ``supported_model_types()``).
+        split_points: ``(a, b)`` with ``0 <= a < b <= num_hidden_layers``: bottom runs
+            layers ``[0, a)``, trunk ``[a, b)``, top ``[b, n)`` plus the final norm and head.
+        parts: Which stages to build.
+
+    Returns:
+        :class:`SplitStages`, which unpacks as ``bottom, trunk, top``. The stages share
+        their parameters with ``model`` (training a stage trains the model) and leave
+        ``model`` itself unchanged and usable.
+
+    Raises:
+        UnsupportedModelError: the model's family is not supported.
+        SplitPointError: the split points are invalid.
+    """
+    config: Any = model.config  # a transformers PretrainedConfig; its fields depend on the family
+    family = family_for(getattr(config, "model_type", "?"))
+    n = int(config.num_hidden_layers)
+    a, b = check_split_points(split_points, n)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts must be drawn from {PARTS}, got {sorted(unknown)}.")
+
+    base = getattr(config, "_attn_implementation", None) or "sdpa"
+    if base not in SUPPORTED_BASES:
+        logger.warning("attention implementation %r is not supported by stages; using 'sdpa'", base)
+        base = "sdpa"
+    ensure_registered()
+    stage_config = copy.deepcopy(config)
+    stage_config._attn_implementation = ATTENTION_NAME
+
+    # Deep-copy module objects but keep the very same Parameter/buffer objects and point
+    # every copied `config` attribute at the stage config: the model stays untouched.
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    memo[id(config)] = stage_config
+
+    def take(path: str) -> nn.Module:
+        module: nn.Module = copy.deepcopy(get_path(model, path), memo)
+        return module
+
+    all_layers = get_path(model, family.layers)
+    ranges = {"bottom": (0, a), "trunk": (a, b), "top": (b, n)}
+    built: dict[str, Stage] = {}
+    for part in parts:
+        lo, hi = ranges[part]
+        layers = {i: copy.deepcopy(all_layers[i], memo) for i in range(lo, hi)}
+        modules: dict[str, nn.Module] = {}
+        if part == "bottom":
+            modules["embed"] = take(family.embed)
+            if family.pos_embed:
+                modules["pos_embed"] = take(family.pos_embed)
+            if family.embed_dropout:
+                modules["embed_dropout"] = take(family.embed_dropout)
+        if part == "top":
+            modules["norm"] = take(family.norm)
+            modules["lm_head"] = take(family.lm_head)
+        rotary = take(family.rotary) if hi > lo and family.rotary else None
+        stage = STAGE_CLASSES[part](family, stage_config, (lo, hi), layers, rotary, base, modules)
+        stage.train(model.training)
+        built[part] = stage
+    return SplitStages(
+        bottom=_built(built, "bottom", BottomStage),
+        trunk=_built(built, "trunk", TrunkStage),
+        top=_built(built, "top", TopStage),
+    )
+
+
+def _built(built: Mapping[str, Stage], part: str, cls: type[_StageT]) -> _StageT | None:
+    """The stage built for ``part`` (an instance of ``cls``, see ``STAGE_CLASSES``), or None."""
+    stage = built.get(part)
+    return stage if isinstance(stage, cls) else None
