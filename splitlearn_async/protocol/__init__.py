@@ -1,7 +1,8 @@
 """The trunk service's wire contract, shared by client and server.
 
 - :mod:`.inference`: ``Session``, ``Forward`` and ``Info`` messages.
-- :mod:`.training`: split-training and adapter messages.
+- :mod:`.training`: split-training messages.
+- :mod:`.adapters`: loading and deleting LoRA adapters.
 - :mod:`.status`: the one table between our exception tree and gRPC status codes.
 
 Every body is one msgpack map (``docs/protocol.md``). ``from splitlearn_async import
@@ -10,9 +11,11 @@ protocol as proto`` gives every builder and parser as ``proto.<name>``.
 
 from __future__ import annotations
 
+from .adapters import *  # noqa: F403
+from .adapters import __all__ as _adapters_all
 from .inference import *  # noqa: F403
 from .inference import __all__ as _inference_all
 from .training import *  # noqa: F403
 from .training import __all__ as _training_all
 
-__all__ = [*_inference_all, *_training_all]  # noqa: PLE0604 (each module lists its own names)
+__all__ = [*_inference_all, *_training_all, *_adapters_all]  # noqa: PLE0604 (each module lists its own names)

@@ -8,8 +8,8 @@ Methods (all unary; see ``docs/protocol.md``)::
     OptimizerStep  step     -> result {optimizer_steps}
     TrainSave      save     -> result {mode, adapter_id, weights (bin), optimizer_state (bin or nil)}
     TrainClose     close    -> result {training_id, closed: true}
-    LoadAdapter    load     -> result {adapter_id, trainable_parameters}
-    DeleteAdapter  delete   -> result {adapter_id, closed: true}
+
+Adapters (``LoadAdapter``, ``DeleteAdapter``) are in :mod:`.adapters`.
 
 Parsing raises :class:`splitlearn_async.errors.WireError` with a whole sentence.
 """
@@ -29,8 +29,6 @@ from .inference import HIDDEN_DTYPES, SERVICE_NAME, TrunkInputs, inputs_message,
 
 __all__ = [
     "METHOD_BACKWARD",
-    "METHOD_DELETE_ADAPTER",
-    "METHOD_LOAD_ADAPTER",
     "METHOD_OPTIMIZER_STEP",
     "METHOD_TRAIN_CLOSE",
     "METHOD_TRAIN_FORWARD",
@@ -39,11 +37,9 @@ __all__ = [
     "BackwardRequest",
     "Kind",
     "TrainOpenRequest",
-    "build_adapter_result",
+    "blob_field",
     "build_backward",
     "build_backward_result",
-    "build_delete_adapter",
-    "build_load_adapter",
     "build_optimizer_step_result",
     "build_reply",
     "build_train_closed",
@@ -55,8 +51,6 @@ __all__ = [
     "build_training_call",
     "parse_backward",
     "parse_backward_result",
-    "parse_delete_adapter",
-    "parse_load_adapter",
     "parse_reply",
     "parse_train_forward",
     "parse_train_forward_result",
@@ -70,8 +64,6 @@ METHOD_BACKWARD = f"/{SERVICE_NAME}/Backward"
 METHOD_OPTIMIZER_STEP = f"/{SERVICE_NAME}/OptimizerStep"
 METHOD_TRAIN_SAVE = f"/{SERVICE_NAME}/TrainSave"
 METHOD_TRAIN_CLOSE = f"/{SERVICE_NAME}/TrainClose"
-METHOD_LOAD_ADAPTER = f"/{SERVICE_NAME}/LoadAdapter"
-METHOD_DELETE_ADAPTER = f"/{SERVICE_NAME}/DeleteAdapter"
 
 #: The largest step id a client may send (ids are positive 63-bit integers).
 MAX_STEP_ID = 2**63 - 1
@@ -84,7 +76,8 @@ def _training_id(msg: Mapping[str, Any]) -> str:
     return value
 
 
-def _blob(msg: Mapping[str, Any], key: str) -> bytes | None:
+def blob_field(msg: Mapping[str, Any], key: str) -> bytes | None:
+    """The optional binary field ``key`` of ``msg`` as bytes (None when absent)."""
     value = field(msg, key, bytes, required=False)
     return bytes(value) if value is not None else None
 
@@ -159,8 +152,8 @@ def parse_train_open(body: bytes | bytearray | memoryview, *, max_bytes: int | N
         optimizer=field(msg, "optimizer", dict, required=False, default={}),
         lora=lora,
         adapter_id=parse_adapter_id(msg, required=False),
-        weights=_blob(msg, "weights"),
-        optimizer_state=_blob(msg, "optimizer_state"),
+        weights=blob_field(msg, "weights"),
+        optimizer_state=blob_field(msg, "optimizer_state"),
     )
 
 
@@ -356,42 +349,6 @@ def parse_training_call(
     return _training_id(msg), msg
 
 
-def build_load_adapter(adapter_id: str, weights: bytes) -> bytes:
-    """The body of ``LoadAdapter``: an adapter's safetensors bytes to load under ``adapter_id``."""
-    return pack({"kind": Kind.LOAD.value, "adapter_id": adapter_id, "weights": weights})
-
-
-def parse_load_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> tuple[str, bytes]:
-    """Parse ``LoadAdapter``: ``(adapter_id, weights)``.
-
-    Raises:
-        WireError: the body is malformed or a field is missing.
-    """
-    msg = unpack(body, max_bytes=max_bytes)
-    message_kind(msg, expected=Kind.LOAD)
-    adapter_id = parse_adapter_id(msg, required=True)
-    weights = _blob(msg, "weights")
-    if not weights:
-        raise WireError("message field 'weights' is missing; send the adapter's safetensors bytes.")
-    return adapter_id, weights  # type: ignore[return-value]
-
-
-def build_delete_adapter(adapter_id: str) -> bytes:
-    """The body of ``DeleteAdapter``."""
-    return pack({"kind": Kind.DELETE.value, "adapter_id": adapter_id})
-
-
-def parse_delete_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> str:
-    """Parse ``DeleteAdapter``: the adapter id.
-
-    Raises:
-        WireError: the body is malformed or lacks ``adapter_id``.
-    """
-    msg = unpack(body, max_bytes=max_bytes)
-    message_kind(msg, expected=Kind.DELETE)
-    return parse_adapter_id(msg, required=True)  # type: ignore[return-value]
-
-
 def build_reply(**fields: Any) -> bytes:
     """A ``result`` reply with plain fields (ids, counts, bytes); fields that are None are left out."""
     return pack({"kind": Kind.RESULT.value, **{k: v for k, v in fields.items() if v is not None}})
@@ -417,13 +374,6 @@ def build_train_save_result(mode: str, adapter_id: str | None, weights: bytes, o
 def build_train_closed(training_id: str) -> bytes:
     """The reply to ``TrainClose``."""
     return build_reply(training_id=training_id, closed=True)
-
-
-def build_adapter_result(adapter_id: str, *, trainable_parameters: int | None = None, closed: bool = False) -> bytes:
-    """The reply to ``LoadAdapter`` (with the adapter's element count) or ``DeleteAdapter`` (``closed``)."""
-    return build_reply(
-        adapter_id=adapter_id, trainable_parameters=trainable_parameters, closed=True if closed else None
-    )
 
 
 def parse_reply(body: bytes | bytearray | memoryview) -> dict[str, Any]:

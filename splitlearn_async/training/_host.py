@@ -19,9 +19,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,9 +29,11 @@ from ._adapters import AdapterRegistry, create_adapter
 from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, check_adapter_id
 from ._engine import TrunkTrainer, serialize_state
 from ._lora import LoraAdapter
-from ._pending import PendingSteps, StepGraph
+from ._pending import PendingSteps
 from ._safetensors import from_safetensors
 from ._state import TrunkState
+from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy
+from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work
 
 __all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
 
@@ -40,61 +41,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Runner(Protocol):
-    """Runs ``fn(*args)`` on the trunk's torch worker thread: ``StageWorker.run``."""
-
-    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
-
-
-@dataclass(frozen=True)
-class TrainingLimits:
-    """The caps of training on one trunk (the server takes them from its ``ServerConfig``).
-
-    Attributes:
-        allow_full_training: Whether ``mode="full"`` sessions may open (they change the
-            weights every inference session is served with).
-        max_training_sessions: Most training sessions open at once.
-        max_pending_steps: Most forwards kept waiting for their backward, over all sessions.
-        pending_step_ttl_s: Seconds a forward's graph is kept without a backward.
-        max_adapters: Most LoRA adapters loaded at once.
-        session_ttl_s: Seconds a training session may stay idle before :meth:`TrainingHost.sweep`
-            closes it.
-    """
-
-    allow_full_training: bool = True
-    max_training_sessions: int = 16
-    max_pending_steps: int = 8
-    pending_step_ttl_s: float = 300.0
-    max_adapters: int = 64
-    session_ttl_s: float = math.inf
-
-
-@dataclass(eq=False)
-class TrainingEntry:
-    """One open training session.
-
-    Attributes:
-        training_id: Its id (random, so that other clients cannot guess it).
-        trainer: The :class:`TrunkTrainer` (used on the worker only).
-        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
-        adapter_id: The trained adapter's name (LoRA only).
-        last_used_s: Clock time of the last call.
-        busy: Calls of this session in progress (the sweep leaves it alone while > 0).
-    """
-
-    training_id: str
-    trainer: TrunkTrainer
-    mode: str
-    adapter_id: str | None
-    last_used_s: float
-    busy: int = 0
-
-    @property
-    def trainable_parameters(self) -> int:
-        """Elements the trunk's optimizer updates for this session."""
-        return self.trainer.num_trainable
 
 
 def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
@@ -284,15 +230,15 @@ class TrainingHost:
         """
         entry = self.entry(training_id)
         if not keep_graph:
-            with self._busy(entry):
-                result = await self._call(_evaluate, entry.trainer, hidden, attention_mask, position_ids, build)
+            with busy(entry, self._clock):
+                result = await self._call(evaluate_work, entry.trainer, hidden, attention_mask, position_ids, build)
             return result, 0
         self.pending.expire()
         self.pending.check_room()
         step_id = self.pending.reserve()
-        with self._busy(entry):
+        with busy(entry, self._clock):
             result, graph = await self._call(
-                _forward, entry.trainer, hidden, attention_mask, position_ids, build, step_id
+                forward_work, entry.trainer, hidden, attention_mask, position_ids, build, step_id
             )
         if self.sessions.get(training_id) is not entry:
             graph.release()
@@ -338,10 +284,10 @@ class TrainingHost:
             )
         others = len(self.pending.of_owner(training_id)) - 1
         if apply and others:
-            raise PreconditionFailed(_apply_blocked(others, "other "))
+            raise PreconditionFailed(apply_blocked(others, "other "))
         self.pending.pop(training_id, step_id)
-        with self._busy(entry):
-            return await self._call(_backward, entry.trainer, graph, grad_output, apply, build)
+        with busy(entry, self._clock):
+            return await self._call(backward_work, entry.trainer, graph, grad_output, apply, build)
 
     async def optimizer_step(self, training_id: str) -> int:
         """Apply the gradients accumulated by ``backward(apply=False)``; returns optimizer steps so far.
@@ -353,8 +299,8 @@ class TrainingHost:
         entry = self.entry(training_id)
         waiting = len(self.pending.of_owner(training_id))
         if waiting:
-            raise PreconditionFailed(_apply_blocked(waiting, ""))
-        with self._busy(entry):
+            raise PreconditionFailed(apply_blocked(waiting, ""))
+        with busy(entry, self._clock):
             return await self._call(entry.trainer.optimizer_step)
 
     async def save(self, training_id: str, *, optimizer: bool = True) -> TrunkState:
@@ -364,7 +310,7 @@ class TrainingHost:
             SessionNotFound: the session is unknown.
         """
         entry = self.entry(training_id)
-        with self._busy(entry):
+        with busy(entry, self._clock):
             weights, opt = await self._call(serialize_state, entry.trainer, optimizer)
         return TrunkState(entry.mode, weights, opt, entry.adapter_id)
 
@@ -389,7 +335,7 @@ class TrainingHost:
         """
         check_adapter_id(adapter_id)
         self.adapters.check_room(adapter_id)
-        adapter = await self._call(_adapter_from_bytes, self.trunk, weights, adapter_id)
+        adapter = await self._call(adapter_from_bytes, self.trunk, weights, adapter_id)
         self.adapters.check_room(adapter_id)  # a concurrent call may have loaded the name meanwhile
         self.adapters.adapters[adapter_id] = adapter
         return adapter
@@ -455,69 +401,3 @@ class TrainingHost:
             raise
         except ValueError as exc:  # torch-level refusal: shapes, NaN or infinite values
             raise TrunkRejected(str(exc).rstrip(".") + ".") from exc
-
-    def _busy(self, entry: TrainingEntry) -> _Busy:
-        return _Busy(entry, self._clock)
-
-
-class _Busy:
-    """Marks a session busy during a call and records its last use afterwards."""
-
-    def __init__(self, entry: TrainingEntry, clock: Callable[[], float]) -> None:
-        self.entry = entry
-        self.clock = clock
-
-    def __enter__(self) -> None:
-        self.entry.busy += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self.entry.busy -= 1
-        self.entry.last_used_s = self.clock()
-
-
-def _apply_blocked(count: int, other: str) -> str:
-    return (
-        f"the optimizer cannot step while {count} {other}step(s) of this training session wait for their "
-        "backward (their graphs hold the current weights); run their backward with apply=False first."
-    )
-
-
-# --- work run on the torch worker thread --------------------------------------------------------
-
-
-def _forward(
-    trainer: TrunkTrainer,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    build: Callable[[torch.Tensor, int], R],
-    step_id: int,
-) -> tuple[R, StepGraph]:
-    out, graph = trainer.forward(hidden, mask, positions)  # (B, T, H)
-    try:
-        return build(out, step_id), graph
-    except BaseException:
-        graph.release()
-        raise
-
-
-def _evaluate(
-    trainer: TrunkTrainer,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    build: Callable[[torch.Tensor, int], R],
-) -> R:
-    return build(trainer.evaluate(hidden, mask, positions), 0)  # (B, T, H)
-
-
-def _backward(
-    trainer: TrunkTrainer, graph: StepGraph, grad: torch.Tensor, apply: bool, build: Callable[[torch.Tensor, int], R]
-) -> R:
-    grad_in = trainer.backward(graph, grad, apply)  # (B, T, H)
-    return build(grad_in, trainer.optimizer_steps)
-
-
-def _adapter_from_bytes(trunk: Any, weights: bytes, adapter_id: str) -> LoraAdapter:
-    tensors, meta = from_safetensors(weights)
-    return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)

@@ -1,0 +1,89 @@
+"""The small types of the training host: how it runs work, its caps, one open session."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from ._engine import TrunkTrainer
+
+__all__ = ["Runner", "TrainingEntry", "TrainingLimits", "apply_blocked", "busy"]
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs ``fn(*args)`` on the trunk's torch worker thread: ``StageWorker.run``."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """The caps of training on one trunk (the server takes them from its ``ServerConfig``).
+
+    Attributes:
+        allow_full_training: Whether ``mode="full"`` sessions may open (they change the
+            weights every inference session is served with).
+        max_training_sessions: Most training sessions open at once.
+        max_pending_steps: Most forwards kept waiting for their backward, over all sessions.
+        pending_step_ttl_s: Seconds a forward's graph is kept without a backward.
+        max_adapters: Most LoRA adapters loaded at once.
+        session_ttl_s: Seconds a training session may stay idle before :meth:`TrainingHost.sweep`
+            closes it.
+    """
+
+    allow_full_training: bool = True
+    max_training_sessions: int = 16
+    max_pending_steps: int = 8
+    pending_step_ttl_s: float = 300.0
+    max_adapters: int = 64
+    session_ttl_s: float = math.inf
+
+
+@dataclass(eq=False)
+class TrainingEntry:
+    """One open training session.
+
+    Attributes:
+        training_id: Its id (random, so that other clients cannot guess it).
+        trainer: The :class:`TrunkTrainer` (used on the worker only).
+        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+        adapter_id: The trained adapter's name (LoRA only).
+        last_used_s: Clock time of the last call.
+        busy: Calls of this session in progress (the sweep leaves it alone while > 0).
+    """
+
+    training_id: str
+    trainer: TrunkTrainer
+    mode: str
+    adapter_id: str | None
+    last_used_s: float
+    busy: int = 0
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Elements the trunk's optimizer updates for this session."""
+        return self.trainer.num_trainable
+
+
+@contextlib.contextmanager
+def busy(entry: TrainingEntry, clock: Callable[[], float]) -> Iterator[None]:
+    """Mark ``entry`` busy during a call (the sweep leaves it alone) and record its last use after."""
+    entry.busy += 1
+    try:
+        yield
+    finally:
+        entry.busy -= 1
+        entry.last_used_s = clock()
+
+
+def apply_blocked(count: int, other: str) -> str:
+    """The sentence for an optimizer step while ``count`` (``other``) steps wait for their backward."""
+    return (
+        f"the optimizer cannot step while {count} {other}step(s) of this training session wait for their "
+        "backward (their graphs hold the current weights); run their backward with apply=False first."
+    )
