@@ -206,7 +206,9 @@ async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.
     tokenizer = load_tokenizer(bundle)
     import torch
 
-    torch.set_num_threads(1)  # no OpenMP team on this thread: it would throttle the worker's (see splitlearn_async.worker)
+    torch.set_num_threads(
+        1
+    )  # no OpenMP team on this thread: it would throttle the worker's (see splitlearn_async.worker)
     stages = load_stages(bundle, parts=("bottom", "top"))
     if stages.bottom is None or stages.top is None:  # pragma: no cover (load_stages raises MissingPartError first)
         raise MissingPartError(f"{bundle} lacks the bottom or the top part the client needs.")

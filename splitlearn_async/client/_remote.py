@@ -236,23 +236,7 @@ class RemoteTrunk:
             raise TrunkError(f"the server's reply to an Info call is malformed: {exc}") from exc
 
     async def unary(self, method: str, body: bytes, *, what: str, retry: bool = True) -> bytes:
-        """One unary call with the client's deadline, token and retry policy.
-
-        Args:
-            method: Full method name, e.g. ``protocol.METHOD_FORWARD``.
-            body: The request body.
-            what: What the call does, for error messages.
-            retry: Retry ``UNAVAILABLE``; pass False for calls that must not run twice.
-
-        Returns:
-            The reply body.
-
-        Raises:
-            ClientClosed: the client has been closed.
-            TrunkTimeout: no answer within ``step_timeout_s``.
-            TrunkUnavailable: the server stayed unreachable for ``retry_deadline_s``.
-            TrunkError: the call failed (translated from the gRPC status).
-        """
+        """One unary call with the client's deadline, token and retry policy (see ``Connection.unary``)."""
         return await self._connection.unary(method, body, what=what, retry=retry)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:

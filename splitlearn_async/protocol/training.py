@@ -202,13 +202,7 @@ def build_train_forward_result(
     hidden_states: torch.Tensor, step_id: int, *, wire_dtype: torch.dtype | None = None
 ) -> bytes:
     """The reply to ``TrainForward``: the trunk output ``(B, T, H)`` and the step id for ``Backward``."""
-    return pack(
-        {
-            "kind": Kind.RESULT.value,
-            "hidden_states": encode_tensor(hidden_states, wire_dtype),
-            "step_id": int(step_id),
-        }
-    )
+    return _tensor_result("hidden_states", hidden_states, wire_dtype, step_id=int(step_id))
 
 
 def parse_train_forward_result(
@@ -219,12 +213,7 @@ def parse_train_forward_result(
     Raises:
         WireError: the body is malformed.
     """
-    msg = unpack(body)
-    message_kind(msg, expected=Kind.RESULT)
-    hidden = decode_tensor(
-        msg.get("hidden_states"), name="hidden_states", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size)
-    )
-    return hidden, field(msg, "step_id", int)
+    return _parse_tensor_result(body, "hidden_states", "step_id", hidden_size)
 
 
 @dataclass
@@ -305,13 +294,8 @@ def build_backward_result(
     grad_input: torch.Tensor, *, optimizer_steps: int, applied: bool, wire_dtype: torch.dtype | None = None
 ) -> bytes:
     """The reply to ``Backward``: ``grad_input (B, T, H)`` for the client's bottom stage."""
-    return pack(
-        {
-            "kind": Kind.RESULT.value,
-            "grad_input": encode_tensor(grad_input, wire_dtype),
-            "optimizer_steps": int(optimizer_steps),
-            "applied": bool(applied),
-        }
+    return _tensor_result(
+        "grad_input", grad_input, wire_dtype, optimizer_steps=int(optimizer_steps), applied=bool(applied)
     )
 
 
@@ -323,12 +307,22 @@ def parse_backward_result(
     Raises:
         WireError: the body is malformed.
     """
+    return _parse_tensor_result(body, "grad_input", "optimizer_steps", hidden_size)
+
+
+def _tensor_result(name: str, tensor: torch.Tensor, wire_dtype: torch.dtype | None, **fields: Any) -> bytes:
+    """A ``result`` with one ``(B, T, H)`` tensor field ``name`` and plain ``fields``."""
+    return pack({"kind": Kind.RESULT.value, name: encode_tensor(tensor, wire_dtype), **fields})
+
+
+def _parse_tensor_result(
+    body: bytes | bytearray | memoryview, name: str, count: str, hidden_size: int | None
+) -> tuple[torch.Tensor, int]:
+    """``(tensor (B, T, H), count)`` of a ``result`` made by :func:`_tensor_result`."""
     msg = unpack(body)
     message_kind(msg, expected=Kind.RESULT)
-    grad = decode_tensor(
-        msg.get("grad_input"), name="grad_input", dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size)
-    )
-    return grad, field(msg, "optimizer_steps", int)
+    tensor = decode_tensor(msg.get(name), name=name, dtypes=HIDDEN_DTYPES, shape=(None, None, hidden_size))
+    return tensor, field(msg, count, int)
 
 
 def build_training_call(kind: Kind, training_id: str, **fields: Any) -> bytes:
