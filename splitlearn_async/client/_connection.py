@@ -132,6 +132,8 @@ class Connection:
         self.replays = 0  #: completed replays after a broken stream, over all sessions
         self._channel: grpc.aio.Channel | None = None
         self._closed = False
+        #: How the retry loop waits between attempts (an attribute, so that tests can watch it).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     @property
     def closed(self) -> bool:
@@ -261,4 +263,4 @@ class Connection:
                     ) from broken
                 logger.info("%s: server unavailable (%s); retry %d in %.2f s", what, broken.details, tries, wait)
                 self.check_open("retry a call")
-                await asyncio.sleep(wait)
+                await self.sleep(wait)

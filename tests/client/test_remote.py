@@ -270,11 +270,11 @@ async def test_half_precision_wire_keeps_greedy_tokens_on_a_tiny_model():
 
 @contextlib.asynccontextmanager
 async def failing_server(code: grpc.StatusCode):
-    """A server whose every Forward call fails with ``code``; yields (port, call timestamps)."""
-    calls: list[float] = []
+    """A server whose every Forward call fails with ``code``; yields (port, the bodies it was sent)."""
+    calls: list[bytes] = []
 
     async def forward(body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        calls.append(time.monotonic())
+        calls.append(body)
         await context.abort(code, "made to fail.")
         return b""  # pragma: no cover
 
@@ -311,12 +311,20 @@ async def test_only_unavailable_is_retried(code, error):
 async def test_unavailable_is_retried_with_growing_backoff():
     config = ClientConfig(retry_deadline_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.4, backoff_multiplier=2.0)
     async with failing_server(grpc.StatusCode.UNAVAILABLE) as (port, calls), RemoteTrunk(f"127.0.0.1:{port}", config) as remote:
+        waits: list[float] = []
+
+        async def recording_sleep(seconds: float) -> None:
+            waits.append(seconds)
+            await asyncio.sleep(seconds)
+
+        remote._connection.sleep = recording_sleep
         with pytest.raises(TrunkUnavailable, match="made to fail"):
             await remote.forward(torch.randn(1, 2, 8))
-    # waits of ~0.05, 0.1, 0.2, 0.4, 0.4 ... fit in 1 s: a handful of calls, not a busy loop
-    assert 3 <= len(calls) <= 8
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert gaps[-1] > gaps[0]  # the waits grow (ordering of two gaps, not a time limit)
+    # the waits asked for: 0.05, 0.1, 0.2, 0.4, 0.4 ... each within +-20% jitter, until 1 s would pass
+    assert len(calls) == len(waits) + 1 >= 3  # a handful of attempts, each after a wait
+    for tries, wait in enumerate(waits):
+        base = min(0.05 * 2.0**tries, 0.4)
+        assert 0.8 * base <= wait <= 1.2 * base, (tries, wait)
 
 
 async def test_a_stream_ended_by_a_server_restart_between_steps_is_replayed():
