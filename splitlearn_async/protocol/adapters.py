@@ -9,9 +9,9 @@ Methods (unary; see ``docs/protocol.md``)::
 from __future__ import annotations
 
 from splitlearn_async.errors import WireError
-from splitlearn_async.wire import Kind, message_kind, pack, unpack
+from splitlearn_async.wire import Kind, check_keys, message_kind, pack
 
-from .inference import SERVICE_NAME, parse_adapter_id
+from .inference import SERVICE_NAME, Body, as_message, parse_adapter_id
 from .training import blob_field, build_reply
 
 __all__ = [
@@ -33,14 +33,15 @@ def build_load_adapter(adapter_id: str, weights: bytes) -> bytes:
     return pack({"kind": Kind.LOAD.value, "adapter_id": adapter_id, "weights": weights})
 
 
-def parse_load_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> tuple[str, bytes]:
+def parse_load_adapter(body: Body, *, max_bytes: int | None = None) -> tuple[str, bytes]:
     """Parse ``LoadAdapter``: ``(adapter_id, weights)``.
 
     Raises:
         WireError: the body is malformed or a field is missing.
     """
-    msg = unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.LOAD)
+    check_keys(msg, frozenset({"kind", "adapter_id", "weights"}), "a LoadAdapter message")
     adapter_id = parse_adapter_id(msg, required=True)
     weights = blob_field(msg, "weights")
     if not weights:
@@ -53,14 +54,15 @@ def build_delete_adapter(adapter_id: str) -> bytes:
     return pack({"kind": Kind.DELETE.value, "adapter_id": adapter_id})
 
 
-def parse_delete_adapter(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> str:
+def parse_delete_adapter(body: Body, *, max_bytes: int | None = None) -> str:
     """Parse ``DeleteAdapter``: the adapter id.
 
     Raises:
         WireError: the body is malformed or lacks ``adapter_id``.
     """
-    msg = unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.DELETE)
+    check_keys(msg, frozenset({"kind", "adapter_id"}), "a DeleteAdapter message")
     return parse_adapter_id(msg, required=True)  # type: ignore[return-value]
 
 

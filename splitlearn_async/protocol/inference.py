@@ -23,7 +23,18 @@ from typing import Any
 import torch
 
 from splitlearn_async.errors import WireError
-from splitlearn_async.wire import Kind, decode_tensor, encode_tensor, field, message_kind, pack, unpack
+from splitlearn_async.wire import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    Kind,
+    check_keys,
+    decode_tensor,
+    encode_tensor,
+    field,
+    message_kind,
+    pack,
+    unpack,
+)
 
 __all__ = [
     "HIDDEN_DTYPES",
@@ -33,9 +44,12 @@ __all__ = [
     "METHOD_INFO",
     "METHOD_SESSION",
     "POSITION_DTYPES",
+    "REQUEST_FIELDS",
     "SERVICE_NAME",
+    "Body",
     "TrunkInputs",
     "TrunkResult",
+    "as_message",
     "build_close",
     "build_closed",
     "build_forward",
@@ -229,13 +243,36 @@ def build_info(info: Mapping[str, Any]) -> bytes:
     return pack({"kind": Kind.RESULT.value, **info})
 
 
+#: A request as it arrives (bytes), or already decoded (off the event loop) into a map.
+Body = bytes | bytearray | memoryview | Mapping[str, Any]
+
+_TENSOR_FIELDS = frozenset({"kind", "hidden_states", "attention_mask", "position_ids"})
+#: The fields each request kind of ``Session`` and ``Forward`` may carry (docs/protocol.md).
+REQUEST_FIELDS: dict[Kind, frozenset[str]] = {
+    Kind.OPEN: _TENSOR_FIELDS | {"session_id", "adapter_id"},
+    Kind.STEP: _TENSOR_FIELDS,
+    Kind.FORWARD: _TENSOR_FIELDS,
+    Kind.CLOSE: frozenset({"kind"}),
+}
+
+
+def as_message(body: Body, max_bytes: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS) -> Mapping[str, Any]:
+    """``body`` decoded within ``limits`` (or returned as it is, if already a map).
+
+    Raises:
+        WireError: the body is larger than ``max_bytes``, or not a msgpack map within the limits.
+    """
+    return body if isinstance(body, Mapping) else unpack(body, max_bytes=max_bytes, limits=limits)
+
+
 def parse_inputs(
-    body: bytes | bytearray | memoryview | Mapping[str, Any],
+    body: Body,
     *,
     hidden_size: int | None = None,
     expected: Kind | tuple[Kind, ...] = (Kind.OPEN, Kind.STEP, Kind.FORWARD),
     max_bytes: int | None = None,
     max_elements: int | None = None,
+    extra_fields: frozenset[str] = frozenset(),
 ) -> TrunkInputs | Kind:
     """Parse an ``open``, ``step`` or ``forward`` message (or recognise ``close``).
 
@@ -245,6 +282,7 @@ def parse_inputs(
         expected: The kinds allowed here; ``close`` is returned as ``Kind.CLOSE``.
         max_bytes: Largest body accepted.
         max_elements: Largest element count of the hidden states.
+        extra_fields: Fields allowed besides the kind's own (``TrainForward`` adds its ids).
 
     Returns:
         :class:`TrunkInputs`, or ``Kind.CLOSE`` for a ``close`` message.
@@ -254,8 +292,9 @@ def parse_inputs(
             dtype, shape or byte count, the hidden states hold NaN/inf, the mask's or the
             positions' shapes do not match the hidden states, or positions are out of range.
     """
-    msg = body if isinstance(body, Mapping) else unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     kind = message_kind(msg, expected=expected)
+    check_keys(msg, REQUEST_FIELDS[kind] | extra_fields, f"a {kind.value!r} message")
     if kind is Kind.CLOSE:
         return kind
     hidden = decode_tensor(

@@ -23,9 +23,18 @@ from typing import Any
 import torch
 
 from splitlearn_async.errors import WireError
-from splitlearn_async.wire import Kind, decode_tensor, encode_tensor, field, message_kind, pack, unpack
+from splitlearn_async.wire import Kind, check_keys, decode_tensor, encode_tensor, field, message_kind, pack, unpack
 
-from .inference import HIDDEN_DTYPES, SERVICE_NAME, TrunkInputs, inputs_message, parse_adapter_id, parse_inputs
+from .inference import (
+    HIDDEN_DTYPES,
+    SERVICE_NAME,
+    Body,
+    TrunkInputs,
+    as_message,
+    inputs_message,
+    parse_adapter_id,
+    parse_inputs,
+)
 
 __all__ = [
     "METHOD_BACKWARD",
@@ -137,14 +146,26 @@ def build_train_open(
     return pack(msg)
 
 
-def parse_train_open(body: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> TrainOpenRequest:
+_TRAIN_OPEN_FIELDS = frozenset({"kind", "mode", "optimizer", "lora", "adapter_id", "weights", "optimizer_state"})
+_TRAIN_FORWARD_FIELDS = frozenset({"training_id", "keep_graph"})
+_BACKWARD_FIELDS = frozenset({"kind", "training_id", "step_id", "grad_output", "apply"})
+#: The fields of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``) and ``TrainClose`` (``close``).
+_CALL_FIELDS = {
+    Kind.STEP: frozenset({"kind", "training_id"}),
+    Kind.SAVE: frozenset({"kind", "training_id", "optimizer"}),
+    Kind.CLOSE: frozenset({"kind", "training_id"}),
+}
+
+
+def parse_train_open(body: Body, *, max_bytes: int | None = None) -> TrainOpenRequest:
     """Parse a ``TrainOpen`` request (the settings' values are checked by the config classes).
 
     Raises:
-        WireError: the body is malformed or a field has the wrong type.
+        WireError: the body is malformed, has unknown fields, or a field has the wrong type.
     """
-    msg = unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.OPEN)
+    check_keys(msg, _TRAIN_OPEN_FIELDS, "a TrainOpen message")
     mode = field(msg, "mode", str)
     lora = field(msg, "lora", dict, required=False)
     return TrainOpenRequest(
@@ -178,7 +199,7 @@ def build_train_forward(
 
 
 def parse_train_forward(
-    body: bytes | bytearray | memoryview,
+    body: Body,
     *,
     hidden_size: int | None = None,
     max_bytes: int | None = None,
@@ -189,10 +210,16 @@ def parse_train_forward(
     Raises:
         WireError: the body or a tensor is malformed, or the training id is missing.
     """
-    msg = unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     training_id = _training_id(msg)
     keep_graph = bool(field(msg, "keep_graph", bool, required=False, default=True))
-    inputs = parse_inputs(msg, hidden_size=hidden_size, expected=Kind.FORWARD, max_elements=max_elements)
+    inputs = parse_inputs(
+        msg,
+        hidden_size=hidden_size,
+        expected=Kind.FORWARD,
+        max_elements=max_elements,
+        extra_fields=_TRAIN_FORWARD_FIELDS,
+    )
     if not isinstance(inputs, TrunkInputs):  # parse_inputs returns Kind.CLOSE only when 'close' is expected
         raise WireError("a TrainForward body must be a 'forward' message with hidden states.")
     return training_id, inputs, keep_graph
@@ -262,7 +289,7 @@ def build_backward(
 
 
 def parse_backward(
-    body: bytes | bytearray | memoryview,
+    body: Body,
     *,
     hidden_size: int | None = None,
     max_bytes: int | None = None,
@@ -273,8 +300,9 @@ def parse_backward(
     Raises:
         WireError: the body or the gradient is malformed, or the ids are missing.
     """
-    msg = unpack(body, max_bytes=max_bytes)
+    msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.BACKWARD)
+    check_keys(msg, _BACKWARD_FIELDS, "a Backward message")
     training_id = _training_id(msg)
     step_id = field(msg, "step_id", int)
     if not 0 < step_id <= MAX_STEP_ID:
@@ -330,16 +358,15 @@ def build_training_call(kind: Kind, training_id: str, **fields: Any) -> bytes:
     return pack({"kind": kind.value, "training_id": training_id, **fields})
 
 
-def parse_training_call(
-    body: bytes | bytearray | memoryview, expected: Kind, *, max_bytes: int | None = None
-) -> tuple[str, dict[str, Any]]:
+def parse_training_call(body: Body, expected: Kind, *, max_bytes: int | None = None) -> tuple[str, Mapping[str, Any]]:
     """Parse a :func:`build_training_call` body: ``(training_id, message map)``.
 
     Raises:
         WireError: the body is malformed, of another kind, or lacks ``training_id``.
     """
-    msg = unpack(body, max_bytes=max_bytes)
-    message_kind(msg, expected=expected)
+    msg = as_message(body, max_bytes)
+    kind = message_kind(msg, expected=expected)
+    check_keys(msg, _CALL_FIELDS.get(kind, frozenset({"kind", "training_id"})), f"a {kind.value!r} message")
     return _training_id(msg), msg
 
 

@@ -13,6 +13,8 @@ import signal
 
 from splitlearn_async.errors import ConfigError, MissingPartError
 
+from ._config import ServerConfig
+
 __all__ = ["add_serve_arguments", "serve_main"]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 256; 0 never cuts)",
     )
     parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=ServerConfig.max_message_bytes,
+        help=f"largest message body either way (default {ServerConfig.max_message_bytes})",
+    )
+    parser.add_argument(
         "--port-file",
         default=None,
         help="once serving, write the bound port to this file (for scripts that start the server with --port 0)",
@@ -119,7 +127,6 @@ def serve_main(args: argparse.Namespace) -> int:
         ModelError: the model or bundle cannot be loaded.
     """
     from splitlearn_async.models.loading import load_stages
-    from splitlearn_async.server._config import ServerConfig
     from splitlearn_async.server._service import AsyncGRPCComputeServer
 
     source = args.bundle or args.model or "default"
@@ -136,6 +143,7 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
     config = ServerConfig(
         metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         auth_token=args.token,

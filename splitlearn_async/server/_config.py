@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitlearn_async.errors import ConfigError
+
+if TYPE_CHECKING:
+    from splitlearn_async.wire import DecodeLimits
 
 __all__ = ["ServerConfig"]
 
@@ -69,6 +73,15 @@ class ServerConfig:
         pending_step_ttl_s: Seconds a training forward's graph is kept without a
             ``Backward``; then it is freed and its step id answers ``NOT_FOUND``.
         max_adapters: Most LoRA adapters loaded at once.
+        max_lora_rank: Largest rank of an adapter, trained (``TrainOpen``) or loaded
+            (``LoadAdapter``); checked before anything is allocated.
+        max_lora_targets: Most module names in an adapter's ``target_modules``.
+        max_adapter_elements: Most elements (``rank x (in + out)`` summed over the adapted
+            layers) of one adapter, computed from the trunk's shapes before it is built.
+
+    Every request is decoded within limits derived from these fields
+    (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
+    arrays and maps, and at most a few hundred containers in one message.
 
     Raises:
         ConfigError: a field is out of range; the message names the value and the fix.
@@ -96,6 +109,9 @@ class ServerConfig:
     max_pending_steps: int = 16
     pending_step_ttl_s: float = 60.0
     max_adapters: int = 64
+    max_lora_rank: int = 64
+    max_lora_targets: int = 16
+    max_adapter_elements: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -166,6 +182,22 @@ class ServerConfig:
         _positive_int("max_pending_steps", self.max_pending_steps, "e.g. 16")
         _positive_number("pending_step_ttl_s", self.pending_step_ttl_s, "e.g. 60 seconds")
         _positive_int("max_adapters", self.max_adapters, "e.g. 64")
+        _positive_int("max_lora_rank", self.max_lora_rank, "e.g. 64")
+        _positive_int("max_lora_targets", self.max_lora_targets, "e.g. 16")
+        _positive_int("max_adapter_elements", self.max_adapter_elements, "e.g. 16777216")
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        """What one request may hold, derived from this config (see ``wire.unpack``)."""
+        from splitlearn_async.wire import DecodeLimits  # here: the config itself stays free of torch
+
+        return DecodeLimits(
+            max_str=4096,
+            max_bin=self.max_message_bytes,
+            max_array=max(16, self.max_lora_targets),
+            max_map=64,
+            max_containers=512,
+        )
 
     @property
     def tls(self) -> bool:

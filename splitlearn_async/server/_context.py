@@ -6,21 +6,27 @@ server through; neither reaches into the other, nor into :class:`AsyncGRPCComput
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import torch
 
-from splitlearn_async.errors import TrunkUnavailable, Unauthenticated
+from splitlearn_async.errors import TrunkUnavailable, Unauthenticated, WireError
+from splitlearn_async.wire import unpack
 from splitlearn_async.worker import StageWorker
 
 from ._config import ServerConfig
 from ._metrics import NullMetrics
 from ._sessions import SessionStore
 
-__all__ = ["ServerContext"]
+__all__ = ["OFF_LOOP_BYTES", "ServerContext"]
+
+#: Bodies larger than this are decoded on a thread, not on the event loop.
+OFF_LOOP_BYTES = 1 << 20
 
 
 @dataclass
@@ -69,6 +75,26 @@ class ServerContext:
                 raise Unauthenticated(f"this server requires a bearer token and the call {reason}.")
         if self.stopping:
             raise TrunkUnavailable("the server is shutting down; retry on another server or later.")
+
+    async def decode(self, body: bytes) -> Mapping[str, Any]:
+        """A request body as a map, decoded within the config's limits; a large one off the loop.
+
+        Raises:
+            WireError: the body is over ``max_message_bytes``, is not msgpack, or holds more
+                (or longer) strings, arrays, maps or bytes than a message of the protocol.
+        """
+        size = len(body)
+        limit = self.config.max_message_bytes
+        if size > limit:
+            raise WireError(
+                f"the message has {size} bytes, over this server's max_message_bytes={limit}; send fewer "
+                "tokens per message, or start the server with a larger --max-message-bytes "
+                "(ServerConfig.max_message_bytes)."
+            )
+        limits = self.config.decode_limits
+        if size > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(unpack, body, max_bytes=limit, limits=limits)
+        return unpack(body, max_bytes=limit, limits=limits)
 
     def reply_dtype_for(self, request: torch.Tensor) -> torch.dtype:
         """The dtype of the reply to a request carrying ``request``."""

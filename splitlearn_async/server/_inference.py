@@ -22,7 +22,7 @@ import torch
 
 from splitlearn_async import protocol as proto
 from splitlearn_async.errors import SessionNotFound, TrunkRejected, TrunkUnavailable
-from splitlearn_async.wire import Kind, unpack
+from splitlearn_async.wire import Kind, check_keys
 
 from ._context import ServerContext
 from ._sessions import Session
@@ -82,11 +82,7 @@ class InferenceService:
                     )
                 expected = (Kind.OPEN,) if session is None else (Kind.STEP, Kind.CLOSE)
                 inputs = proto.parse_inputs(
-                    body,
-                    hidden_size=s.hidden_size,
-                    expected=expected,
-                    max_bytes=s.config.max_message_bytes,
-                    max_elements=s.max_elements,
+                    await s.decode(body), hidden_size=s.hidden_size, expected=expected, max_elements=s.max_elements
                 )
                 if inputs is Kind.CLOSE and session is not None:  # close is only expected after open
                     sid = session.session_id
@@ -200,11 +196,7 @@ class InferenceService:
         s = self.server
         s.admit(context)
         inputs = proto.parse_inputs(
-            body,
-            hidden_size=s.hidden_size,
-            expected=Kind.FORWARD,
-            max_bytes=s.config.max_message_bytes,
-            max_elements=s.max_elements,
+            await s.decode(body), hidden_size=s.hidden_size, expected=Kind.FORWARD, max_elements=s.max_elements
         )
         if not isinstance(inputs, proto.TrunkInputs):  # pragma: no cover (only 'forward' is expected)
             raise TrunkRejected("a Forward body must be a 'forward' message with hidden states.")
@@ -219,7 +211,7 @@ class InferenceService:
         """``Info``: a description of the model and the limits."""
         self.server.admit(context)
         if body:
-            unpack(body, max_bytes=65536)
+            check_keys(await self.server.decode(body), frozenset({"kind"}), "an Info request")
         return proto.build_info(self._info_fields())
 
 

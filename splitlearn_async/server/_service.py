@@ -127,7 +127,9 @@ class AsyncGRPCComputeServer:
             raise RuntimeError("AsyncGRPCComputeServer can be started once; create a new one to serve again.")
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        limit = self.config.max_message_bytes
+        # gRPC takes bodies up to twice our limit, so that one over it gets our sentence
+        # (naming the limit and the option) from ServerContext.decode, not gRPC's text
+        limit = min(2 * self.config.max_message_bytes, 2**31 - 1)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

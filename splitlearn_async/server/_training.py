@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -133,7 +133,7 @@ class TrainingService:
     async def _train_open(self, body: bytes, context: Context) -> bytes:
         """``TrainOpen``: create a training session (and its adapter, for LoRA)."""
         self.server.admit(context)
-        req = proto.parse_train_open(body, max_bytes=self.server.config.max_message_bytes)
+        req = proto.parse_train_open(await self.server.decode(body))
         entry = await self.host.open(
             req.mode,
             lora=LoraConfig.from_wire(req.lora) if req.lora is not None else None,
@@ -152,7 +152,7 @@ class TrainingService:
         self.server.admit(context)
         s = self.server
         training_id, inputs, keep_graph = proto.parse_train_forward(
-            body, hidden_size=s.hidden_size, max_bytes=s.config.max_message_bytes, max_elements=s.max_elements
+            await s.decode(body), hidden_size=s.hidden_size, max_elements=s.max_elements
         )
         rows, columns = inputs.hidden_states.shape[:2]
         s.store.check_tokens(rows, columns, "a training forward")
@@ -175,9 +175,7 @@ class TrainingService:
         """``Backward``: back-propagate through a kept graph, maybe step the optimizer, reply with grad_input."""
         self.server.admit(context)
         s = self.server
-        req = proto.parse_backward(
-            body, hidden_size=s.hidden_size, max_bytes=s.config.max_message_bytes, max_elements=s.max_elements
-        )
+        req = proto.parse_backward(await s.decode(body), hidden_size=s.hidden_size, max_elements=s.max_elements)
         dtype = s.reply_dtype_for(req.grad_output)
 
         def build(grad_input: torch.Tensor, optimizer_steps: int) -> bytes:  # on the worker
@@ -189,19 +187,19 @@ class TrainingService:
 
     async def _optimizer_step(self, body: bytes, context: Context) -> bytes:
         """``OptimizerStep``: apply the gradients accumulated by ``Backward`` with ``apply=false``."""
-        training_id, _ = self._parse_call(body, proto.Kind.STEP, context)
+        training_id, _ = await self._parse_call(body, proto.Kind.STEP, context)
         return proto.build_optimizer_step_result(await self.host.optimizer_step(training_id))
 
     async def _train_save(self, body: bytes, context: Context) -> bytes:
         """``TrainSave``: the trained weights (adapter or trunk) and the optimizer state, as safetensors."""
-        training_id, msg = self._parse_call(body, proto.Kind.SAVE, context)
+        training_id, msg = await self._parse_call(body, proto.Kind.SAVE, context)
         with_optimizer = bool(field(msg, "optimizer", bool, required=False, default=True))
         state = await self.host.save(training_id, optimizer=with_optimizer)
         return proto.build_train_save_result(state.mode, state.adapter_id, state.weights, state.optimizer)
 
     async def _train_close(self, body: bytes, context: Context) -> bytes:
         """``TrainClose``: free the session's graphs and optimizer; its adapter stays loaded."""
-        training_id, _ = self._parse_call(body, proto.Kind.CLOSE, context)
+        training_id, _ = await self._parse_call(body, proto.Kind.CLOSE, context)
         self.host.entry(training_id)  # unknown: NOT_FOUND
         self.host.close(training_id)
         return proto.build_train_closed(training_id)
@@ -209,22 +207,22 @@ class TrainingService:
     async def _load_adapter(self, body: bytes, context: Context) -> bytes:
         """``LoadAdapter``: load a saved adapter under a name, for inference sessions or more training."""
         self.server.admit(context)
-        adapter_id, weights = proto.parse_load_adapter(body, max_bytes=self.server.config.max_message_bytes)
+        adapter_id, weights = proto.parse_load_adapter(await self.server.decode(body))
         adapter = await self.host.load_adapter(adapter_id, weights)
         return proto.build_adapter_result(adapter_id, trainable_parameters=adapter.num_parameters)
 
     async def _delete_adapter(self, body: bytes, context: Context) -> bytes:
         """``DeleteAdapter``: unload an adapter (inference sessions already using it keep it)."""
         self.server.admit(context)
-        adapter_id = proto.parse_delete_adapter(body, max_bytes=self.server.config.max_message_bytes)
+        adapter_id = proto.parse_delete_adapter(await self.server.decode(body))
         self.host.delete_adapter(adapter_id)
         return proto.build_adapter_result(adapter_id, closed=True)
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _parse_call(self, body: bytes, kind: proto.Kind, context: Context) -> tuple[str, dict[str, Any]]:
+    async def _parse_call(self, body: bytes, kind: proto.Kind, context: Context) -> tuple[str, Mapping[str, Any]]:
         self.server.admit(context)
-        return proto.parse_training_call(body, kind, max_bytes=self.server.config.max_message_bytes)
+        return proto.parse_training_call(await self.server.decode(body), kind)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():

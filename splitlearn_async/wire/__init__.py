@@ -8,12 +8,24 @@ with a sentence that names the field, says what was wrong and how to fix it.
 
 from __future__ import annotations
 
-from splitlearn_async.wire._messages import Kind, field, message_kind, pack, unpack
+from splitlearn_async.wire._messages import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    Kind,
+    check_keys,
+    field,
+    message_kind,
+    pack,
+    unpack,
+)
 from splitlearn_async.wire._tensors import WIRE_DTYPES, decode_tensor, encode_tensor
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "WIRE_DTYPES",
+    "DecodeLimits",
     "Kind",
+    "check_keys",
     "decode_tensor",
     "encode_tensor",
     "field",

@@ -2,20 +2,27 @@
 
 Every message body is one msgpack map. :func:`pack` and :func:`unpack` are the only
 places that call msgpack; :func:`field` reads one typed field out of a decoded map and
-turns a missing or mistyped field into a :class:`WireError` that says which and why.
+turns a missing or mistyped field into a :class:`WireError` that says which and why;
+:func:`check_keys` refuses fields a message does not declare.
+
+:func:`unpack` decodes within :class:`DecodeLimits`: the lengths of strings, bytes,
+arrays and maps, and the number of arrays and maps in one message. Our messages hold a
+few dozen containers at most, so a body built to make the decoder allocate millions of
+objects fails after a few hundred, in microseconds, before it costs memory.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 import msgpack
 
 from splitlearn_async.errors import WireError
 
-__all__ = ["Kind", "field", "message_kind", "pack", "unpack"]
+__all__ = ["DEFAULT_LIMITS", "DecodeLimits", "Kind", "check_keys", "field", "message_kind", "pack", "unpack"]
 
 T = TypeVar("T")
 
@@ -80,16 +87,61 @@ def pack(message: Mapping[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> dict[str, Any]:
-    """Decode one msgpack message that must be a map.
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one decoded message may hold (the server derives its own from ``ServerConfig``).
+
+    Attributes:
+        max_str: Longest string, in bytes (ids, names, dtypes are far shorter).
+        max_bin: Longest ``bin`` value (a tensor's or a checkpoint's bytes); None: the body's size.
+        max_array: Longest array (a shape, a list of target modules).
+        max_map: Most keys in one map.
+        max_containers: Most arrays and maps in the whole message.
+    """
+
+    max_str: int = 4096
+    max_bin: int | None = None
+    max_array: int = 256
+    max_map: int = 64
+    max_containers: int = 512
+
+
+#: The limits :func:`unpack` applies when none are given.
+DEFAULT_LIMITS = DecodeLimits()
+
+
+class _ContainerBudget:
+    """Counts the arrays and maps msgpack builds; raises once a message holds too many."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.limit = limit
+
+    def spend(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise WireError(
+                f"the message holds more than {self.limit} arrays and maps; a message of this protocol "
+                "holds a few dozen. Send one of the messages docs/protocol.md describes."
+            )
+        return container
+
+
+def unpack(
+    data: bytes | bytearray | memoryview, *, max_bytes: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """Decode one msgpack message that must be a map, within ``limits``.
 
     Strings are decoded as UTF-8, ``bin`` stays ``bytes``, arrays become lists, map keys
-    must be strings or bytes, and extension types are refused. msgpack's own limits cap
-    every length at the size of ``data``, so a small body cannot claim a huge array.
+    must be strings or bytes, and extension types are refused. No string, ``bin``, array
+    or map may be longer than ``limits`` allows, the message may hold at most
+    ``limits.max_containers`` arrays and maps, and nesting deeper than msgpack's own
+    stack (1024) is refused: a small body cannot make the decoder build a large object.
 
     Args:
         data: The message body.
         max_bytes: Refuse bodies larger than this many bytes; ``None`` for no limit.
+        limits: The lengths and counts allowed.
 
     Returns:
         The decoded map.
@@ -107,8 +159,22 @@ def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
             f"the message has {size} bytes, more than the {max_bytes} accepted; send smaller "
             "messages (fewer tokens per step) or raise the limit."
         )
+    budget = _ContainerBudget(limits.max_containers)
     try:
-        message = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
+        message = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            list_hook=budget.spend,
+            object_hook=budget.spend,
+            max_str_len=limits.max_str,
+            max_bin_len=size if limits.max_bin is None else min(size, limits.max_bin),
+            max_array_len=limits.max_array,
+            max_map_len=limits.max_map,
+            max_ext_len=64,  # refused by _refuse_ext with a sentence; the cap keeps it cheap
+        )
     except WireError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
@@ -251,3 +317,17 @@ def _expected(type_: type | tuple[type, ...]) -> str:
 def _got(value: object) -> str:
     """The msgpack-flavoured type name of a decoded value, for error messages."""
     return _GOT_NAMES.get(type(value), type(value).__name__)
+
+
+def check_keys(msg: Mapping[str, Any], allowed: frozenset[str] | set[str], what: str) -> None:
+    """Refuse fields that ``what`` does not declare (a typo, or a client of another protocol).
+
+    Raises:
+        WireError: ``msg`` has a key outside ``allowed``; the sentence lists the allowed ones.
+    """
+    extra = [key for key in msg if key not in allowed]
+    if extra:
+        shown = ", ".join(repr(str(k)[:40]) for k in extra[:4])
+        raise WireError(
+            f"{what} has unknown field(s) {shown}; it takes {', '.join(sorted(allowed))} (docs/protocol.md)."
+        )
