@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     # errors
     "SplitLearnError": "splitlearn_async.errors",
     "ConfigError": "splitlearn_async.errors",
+    "ArgumentError": "splitlearn_async.errors",
+    "StateError": "splitlearn_async.errors",
     "ModelError": "splitlearn_async.errors",
     "UnsupportedModelError": "splitlearn_async.errors",
     "SplitPointError": "splitlearn_async.errors",

@@ -4,7 +4,9 @@ Every error the library raises on purpose is a :class:`SplitLearnError`. Errors 
 also a caller's mistake derive from :class:`ValueError` as well, so generic handlers work::
 
     SplitLearnError
-    ├── ConfigError (ValueError)            a configuration value is out of range
+    ├── ConfigError (ValueError)            a configuration value or an argument is out of range
+    │   └── ArgumentError (TypeError)       an argument has the wrong type
+    ├── StateError (RuntimeError)           an object was used in a state that does not allow it
     ├── ModelError
     │   ├── UnsupportedModelError (ValueError)  the model family is not supported
     │   ├── SplitPointError (ValueError)        split points out of range or unordered
@@ -38,6 +40,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterNotFound",
     "AlreadyExists",
+    "ArgumentError",
     "BundleCorruptError",
     "BundleError",
     "CheckpointError",
@@ -49,6 +52,7 @@ __all__ = [
     "SessionNotFound",
     "SplitLearnError",
     "SplitPointError",
+    "StateError",
     "StepNotFound",
     "TrunkBusy",
     "TrunkError",
@@ -69,6 +73,14 @@ class SplitLearnError(Exception):
 
 class ConfigError(SplitLearnError, ValueError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+class ArgumentError(ConfigError, TypeError):
+    """An argument has the wrong type; the message names it and the type expected."""
+
+
+class StateError(SplitLearnError, RuntimeError):
+    """An object was used in a state that does not allow it: not started yet, started twice, another loop."""
 
 
 class ModelError(SplitLearnError):

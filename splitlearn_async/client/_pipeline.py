@@ -350,7 +350,7 @@ class SplitPipeline:
     def encode(self, prompt: str | Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask ``(1, T)`` of a prompt string or chat messages."""
         if self.tokenizer is None:
-            raise ValueError("this pipeline has no tokenizer; pass tokenizer=... to SplitPipeline to use text.")
+            raise ConfigError("this pipeline has no tokenizer; pass tokenizer=... to SplitPipeline to use text.")
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_tensors="pt")
         else:

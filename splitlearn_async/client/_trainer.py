@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ClientClosed, ConfigError
+from ..errors import ClientClosed, ConfigError, StateError
 from ..models.positions import prompt_positions
 from ..models.stages import BottomStage, TopStage
 from ..training import IGNORE_INDEX, TrainingConfig, causal_lm_loss
@@ -231,14 +231,16 @@ class SplitTrainer:
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
         if "input_ids" not in batch:
-            raise ValueError(f"a training batch needs 'input_ids'; it has {sorted(batch)}.")
+            raise ConfigError(f"a training batch needs 'input_ids'; it has {sorted(batch)}.")
         ids = batch["input_ids"]
         if ids.dim() != 2 or ids.shape[1] < 2:
-            raise ValueError(f"input_ids must be (batch, tokens) with at least 2 tokens, got shape {list(ids.shape)}.")
+            raise ConfigError(f"input_ids must be (batch, tokens) with at least 2 tokens, got shape {list(ids.shape)}.")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids.")
+            raise ConfigError(
+                f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids."
+            )
         positions = batch.get("position_ids")
         positions = prompt_positions(mask) if positions is None else positions.to(torch.long)
         labels = batch.get("labels")
@@ -263,9 +265,7 @@ class SplitTrainer:
         else:  # only d loss / d out: no gradients for the top's weights (the LM head is large)
             (grad,) = torch.autograd.grad(loss * scale, out_leaf)
         if grad is None:
-            raise RuntimeError(
-                "the top produced no gradient for the trunk output; is the loss connected to the logits?"
-            )
+            raise StateError("the top produced no gradient for the trunk output; is the loss connected to the logits?")
         return float(loss.detach()), grad.to(device="cpu", dtype=out.dtype)  # (B, T, H)
 
     def _top_loss(self, out: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> float:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from splitlearn_async.errors import StateError
+
 if TYPE_CHECKING:
     from .cache import CacheGroup
 
@@ -59,7 +61,7 @@ def _splitlearn_attention(
 ) -> AttentionOutput:
     ctx: AttentionContext | None = kwargs.pop("splitlearn_attention", None)
     if ctx is None:
-        raise RuntimeError(
+        raise StateError(
             "A splitlearn stage layer was called without its attention context; call the stage "
             "(bottom/trunk/top) rather than its layers directly."
         )

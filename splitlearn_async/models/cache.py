@@ -28,6 +28,8 @@ import weakref
 
 import torch
 
+from splitlearn_async.errors import ConfigError
+
 __all__ = ["CacheGroup", "CacheReleased", "KVCache", "KVPool"]
 
 _PAD_SLOT = 0
@@ -52,7 +54,7 @@ class KVPool:
 
     def __init__(self, device: torch.device | str = "cpu", initial_slots: int = 256) -> None:
         if initial_slots < 2:
-            raise ValueError(f"initial_slots must be >= 2 (one is the padding slot), got {initial_slots}.")
+            raise ConfigError(f"initial_slots must be >= 2 (one is the padding slot), got {initial_slots}.")
         self.device = torch.device(device)
         self.initial_slots = initial_slots
         self.keys: dict[int, torch.Tensor] = {}  # layer -> (capacity, Hkv, D)
@@ -168,7 +170,7 @@ class KVCache:
 
     def __init__(self, batch_size: int, pool: KVPool | None = None, device: torch.device | str = "cpu") -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
         self.pool = pool if pool is not None else KVPool(device)
         self.device = self.pool.device
@@ -210,7 +212,7 @@ class KVCache:
         if self._released:
             raise CacheReleased("this KV cache was released (its session was closed); open a new session.")
         if new_valid.shape[0] != self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"this cache holds {self.batch_size} rows but the call has {new_valid.shape[0]}; "
                 "use one cache per batch of sequences."
             )
@@ -291,15 +293,15 @@ class CacheGroup:
 
     def __init__(self, caches: list[KVCache], new_tokens: list[int] | None = None) -> None:
         if not caches:
-            raise ValueError("a CacheGroup needs at least one cache.")
+            raise ConfigError("a CacheGroup needs at least one cache.")
         if len({id(c) for c in caches}) != len(caches):
-            raise ValueError("a cache appears twice in one CacheGroup; a session can take part in a batch once.")
+            raise ConfigError("a cache appears twice in one CacheGroup; a session can take part in a batch once.")
         if len({id(c.pool) for c in caches}) != 1:
-            raise ValueError(
+            raise ConfigError(
                 "the caches of one CacheGroup must share a KVPool; make them with the same stage's new_cache()."
             )
         if new_tokens is not None and len(new_tokens) != len(caches):
-            raise ValueError(f"new_tokens has {len(new_tokens)} entries for {len(caches)} caches.")
+            raise ConfigError(f"new_tokens has {len(new_tokens)} entries for {len(caches)} caches.")
         self.caches = list(caches)
         self.new_tokens = new_tokens
         self.pool = caches[0].pool
@@ -339,7 +341,7 @@ class CacheGroup:
         error is raised.
         """
         if new_valid.shape[0] != self.batch_size:
-            raise ValueError(f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}.")
+            raise ConfigError(f"this cache group holds {self.batch_size} rows but the call has {new_valid.shape[0]}.")
         width = new_valid.shape[1]
         counts = self.new_tokens or [width] * len(self.caches)
         slots = []

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from splitlearn_async.errors import ConfigError
+
 from .positions import prompt_positions
 
 __all__ = ["DecodeState", "SamplingConfig", "generate_local", "stream_local"]
@@ -40,13 +42,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
+            raise ConfigError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}.")
+            raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p!r}.")
 
 
 def _eos_set(eos_token_id: int | Iterable[int] | None) -> list[int]:
@@ -79,17 +81,19 @@ class DecodeState:
         sampling: SamplingConfig | None = None,
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}.")
+            raise ConfigError(
+                f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}."
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+            raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}."
             )
         if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError(
+            raise ConfigError(
                 "the last column of attention_mask has padding: pad prompts on the left "
                 "(tokenizer.padding_side = 'left') for generation."
             )

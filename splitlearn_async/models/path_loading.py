@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitlearn_async.errors import ConfigError
+
 from ..errors import CheckpointError, SplitPointError
 from .bundle import BundleSource, is_bundle
 from .sources import TensorSource, _empty_model, open_source
@@ -44,7 +46,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}.") from None
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}.") from None
 
 
 def check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -52,7 +54,7 @@ def check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if not parts or unknown:
-        raise ValueError(f"parts must be a non-empty selection of {PARTS}, got {parts!r}.")
+        raise ConfigError(f"parts must be a non-empty selection of {PARTS}, got {parts!r}.")
     return parts
 
 

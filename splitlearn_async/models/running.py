@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from splitlearn_async.errors import ConfigError
+
 from .cache import CacheGroup, KVCache
 from .stage_classes import Stage
 
@@ -81,7 +83,7 @@ def run_stage_batched(
     width = max(lengths)
     ragged = min(lengths) != width
     if ragged and any(c[2] is None for c in calls):
-        raise ValueError("calls with different numbers of new tokens need their position ids.")
+        raise ConfigError("calls with different numbers of new tokens need their position ids.")
     group = CacheGroup([c[3] for c in calls], new_tokens=lengths if ragged else None)
 
     def left_pad(t: torch.Tensor, length: int, fill: float = 0) -> torch.Tensor:

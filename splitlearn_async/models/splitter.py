@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from splitlearn_async.errors import ConfigError
+
 from ..errors import SplitPointError
 from .attention import ATTENTION_NAME, SUPPORTED_BASES, ensure_registered
 from .families import family_for
@@ -83,7 +85,7 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
     a, b = check_split_points(split_points, n)
     unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"parts must be drawn from {PARTS}, got {sorted(unknown)}.")
+        raise ConfigError(f"parts must be drawn from {PARTS}, got {sorted(unknown)}.")
 
     base = getattr(config, "_attn_implementation", None) or "sdpa"
     if base not in SUPPORTED_BASES:

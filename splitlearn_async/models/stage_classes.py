@@ -16,6 +16,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
+from splitlearn_async.errors import ConfigError
+
 from .attention import AttentionContext, CacheContext, PlainContext
 from .cache import CacheGroup, KVCache, KVPool
 from .families import Family
@@ -125,7 +127,7 @@ class Stage(nn.Module):
         new_valid = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise ValueError(
+                raise ConfigError(
                     f"attention_mask must be (batch, past + new tokens) with batch={batch} and at least "
                     f"{length} columns, got shape {tuple(attention_mask.shape)}."
                 )
@@ -328,4 +330,4 @@ class SplitStages:
             return self.trunk.layer_range
         if self.bottom is not None and self.top is not None:
             return (self.bottom.layer_range[1], self.top.layer_range[0])
-        raise ValueError("split points are only known when the trunk or both client stages are present.")
+        raise ConfigError("split points are only known when the trunk or both client stages are present.")

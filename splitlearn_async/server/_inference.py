@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from splitlearn_async import protocol as proto
-from splitlearn_async.errors import SessionNotFound, TrunkRejected, TrunkUnavailable
+from splitlearn_async.errors import ArgumentError, SessionNotFound, TrunkRejected, TrunkUnavailable
 from splitlearn_async.wire import Kind, check_keys
 
 from ._context import ServerContext
@@ -176,7 +176,7 @@ class InferenceService:
             s.store.touch(session)
         s.metrics.observe_latency(time.perf_counter() - start)
         if not isinstance(body, bytes):  # pragma: no cover (the last chunk's result is the encoded reply)
-            raise TypeError("the last chunk of a step did not produce a reply")
+            raise ArgumentError("the last chunk of a step did not produce a reply")
         return body
 
     async def _run_step(self, key: tuple[Any, ...], work: StepWork) -> bytes | torch.Tensor:

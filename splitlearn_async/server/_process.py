@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from splitlearn_async.errors import StateError
+
 __all__ = ["ServerProcess"]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class ServerProcess:
             RuntimeError: the server has not been started.
         """
         if self._port is None:
-            raise RuntimeError("the server process has no port yet; call start() first.")
+            raise StateError("the server process has no port yet; call start() first.")
         return self._port
 
     @property
@@ -79,7 +81,7 @@ class ServerProcess:
             RuntimeError: the server has not been started.
         """
         if self.proc is None:
-            raise RuntimeError("the server process has not been started; call start() first.")
+            raise StateError("the server process has not been started; call start() first.")
         return self.proc.pid
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -100,7 +102,7 @@ class ServerProcess:
                 the message includes the end of its log.
         """
         if self.proc is not None:
-            raise RuntimeError("this ServerProcess was already started; create a new one to start another.")
+            raise StateError("this ServerProcess was already started; create a new one to start another.")
         cmd = [
             sys.executable,
             "-m",
@@ -121,13 +123,13 @@ class ServerProcess:
         deadline = time.monotonic() + self.start_timeout_s
         while not self._port_file.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(
+                raise StateError(
                     f"the trunk server exited with code {self.proc.returncode} before listening; its log ends:\n"
                     f"{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(
+                raise StateError(
                     f"the trunk server did not listen within {self.start_timeout_s} s; its log ends:\n{self.log_tail()}"
                 )
             time.sleep(0.05)

@@ -22,7 +22,7 @@ import torch
 
 from splitlearn_async import protocol as proto
 from splitlearn_async._version import __version__
-from splitlearn_async.errors import ConfigError
+from splitlearn_async.errors import ConfigError, StateError
 from splitlearn_async.wire import WIRE_DTYPES
 from splitlearn_async.worker import StageWorker
 
@@ -124,7 +124,7 @@ class AsyncGRPCComputeServer:
             RuntimeError: the server was already started or stopped.
         """
         if self._server is not None or self._stopped:
-            raise RuntimeError("AsyncGRPCComputeServer can be started once; create a new one to serve again.")
+            raise StateError("AsyncGRPCComputeServer can be started once; create a new one to serve again.")
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
         # gRPC takes bodies up to twice our limit, so that one over it gets our sentence
@@ -234,7 +234,7 @@ class AsyncGRPCComputeServer:
             RuntimeError: the server has not been started.
         """
         if self._port is None:
-            raise RuntimeError("the server has no port yet; call `await server.start()` first.")
+            raise StateError("the server has no port yet; call `await server.start()` first.")
         return self._port
 
     @property

@@ -10,7 +10,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from splitlearn_async.errors import WorkerDied, WorkerStopped
+from splitlearn_async.errors import StateError, WorkerDied, WorkerStopped
 from splitlearn_async.protocol.status import status_for
 
 __all__ = ["abort", "abort_for", "cancel_and_wait", "guarded", "guarded_stream", "sentence"]
@@ -24,7 +24,7 @@ Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[by
 async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> NoReturn:
     """End the call with ``code`` and ``details`` (a whole sentence); never returns."""
     await context.abort(code, details)
-    raise RuntimeError("context.abort returned instead of raising")  # pragma: no cover
+    raise StateError("context.abort returned instead of raising")  # pragma: no cover
 
 
 def sentence(exc: BaseException) -> str:

@@ -64,6 +64,9 @@ class TrainingService:
             pending_step_ttl_s=c.pending_step_ttl_s,
             max_adapters=c.max_adapters,
             session_ttl_s=c.session_ttl_s,
+            max_lora_rank=c.max_lora_rank,
+            max_lora_targets=c.max_lora_targets,
+            max_adapter_elements=c.max_adapter_elements,
         )
         self.host = TrainingHost(server.trunk, server.worker.run, limits, clock)
         self._sweeper: asyncio.Task[None] | None = None

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AdapterNotFound, AlreadyExists, TrunkBusy
+from ..errors import AdapterNotFound, AlreadyExists, TrunkBusy, TrunkRejected
 from ._config import LoraConfig
-from ._lora import LoraAdapter
+from ._lora import LoraAdapter, adapter_elements
 from ._safetensors import from_safetensors
+from ._types import TrainingLimits
 
-__all__ = ["AdapterRegistry", "create_adapter"]
+__all__ = ["AdapterRegistry", "check_lora_cost", "create_adapter"]
 
 
 @dataclass
@@ -76,3 +77,36 @@ def create_adapter(trunk: Any, config: LoraConfig, adapter_id: str, weights: byt
         tensors, meta = from_safetensors(weights)
         return LoraAdapter.from_tensors(trunk, tensors, meta, adapter_id)
     return LoraAdapter(trunk, config.rank, config.alpha, config.target_modules, config.dropout, config.seed, adapter_id)
+
+
+def check_lora_cost(trunk: Any, limits: TrainingLimits, config: LoraConfig) -> None:
+    """Check an adapter's settings against the caps, before anything is allocated.
+
+    The one rule for adapters trained (``TrainOpen``) and loaded (``LoadAdapter``).
+
+    Raises:
+        TrunkRejected: the rank, the number of target modules or the adapter's elements
+            are over the caps, or no layer of the trunk matches the target modules.
+    """
+    lim = limits
+    if config.rank > lim.max_lora_rank:
+        raise TrunkRejected(
+            f"an adapter of rank {config.rank} is over this trunk's max_lora_rank={lim.max_lora_rank}; "
+            "use a smaller rank, or raise ServerConfig.max_lora_rank."
+        )
+    targets = config.target_modules
+    if targets is not None and len(targets) > lim.max_lora_targets:
+        raise TrunkRejected(
+            f"the adapter names {len(targets)} target modules, over this trunk's max_lora_targets="
+            f"{lim.max_lora_targets}; name fewer, or raise ServerConfig.max_lora_targets."
+        )
+    try:
+        elements = adapter_elements(trunk, config)
+    except ValueError as exc:
+        raise TrunkRejected(str(exc)) from exc
+    if elements > lim.max_adapter_elements:
+        raise TrunkRejected(
+            f"an adapter of rank {config.rank} on these layers would hold {elements} elements, over this "
+            f"trunk's max_adapter_elements={lim.max_adapter_elements}; use a smaller rank or fewer target "
+            "modules, or raise ServerConfig.max_adapter_elements."
+        )

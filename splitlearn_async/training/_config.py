@@ -7,7 +7,7 @@ The trunk's settings travel to the server as plain msgpack maps (:meth:`to_wire`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.dropout must be < 1, got {self.dropout!r}; e.g. 0.05.")
         if self.target_modules is not None:
             targets: object = self.target_modules  # checked at run time: callers pass anything
-            if isinstance(targets, str) or not isinstance(targets, Iterable):
+            if not isinstance(targets, (list, tuple)):
                 raise ConfigError(
                     f"LoraConfig.target_modules must be a sequence of module names or None, got {targets!r}; "
                     "e.g. ('q_proj', 'v_proj')."

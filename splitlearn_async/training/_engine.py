@@ -17,15 +17,21 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from splitlearn_async.errors import ConfigError
+
+from ..errors import CheckpointError, TrunkRejected
 from ._config import OptimizerConfig
 from ._lora import LoraAdapter, use_adapter
 from ._pending import StepGraph
 from ._safetensors import to_safetensors
 
-__all__ = ["TrunkTrainer", "serialize_state"]
+__all__ = ["NonFiniteGradient", "TrunkTrainer", "serialize_state"]
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteGradient(TrunkRejected):
+    """A backward gave NaN or infinite gradients; nothing was accumulated and the step is kept."""
 
 
 class TrunkTrainer:
@@ -45,7 +51,7 @@ class TrunkTrainer:
 
     def __init__(self, trunk: Any, mode: str, optimizer: OptimizerConfig, adapter: LoraAdapter | None = None) -> None:
         if (mode == "lora") != (adapter is not None):
-            raise ValueError("a LoRA training session needs an adapter, and only a LoRA session takes one.")
+            raise ConfigError("a LoRA training session needs an adapter, and only a LoRA session takes one.")
         self.trunk = trunk
         self.mode = mode
         self.adapter = adapter
@@ -84,7 +90,7 @@ class TrunkTrainer:
                 None if position_ids is None else position_ids.to(device),
             )  # (B, T, H)
         if not bool(torch.isfinite(out).all()):
-            raise ValueError(
+            raise ConfigError(
                 "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
             )
         result: torch.Tensor = out.to(device="cpu", dtype=hidden.dtype)
@@ -127,7 +133,7 @@ class TrunkTrainer:
                 None if position_ids is None else position_ids.to(device),
             )  # (B, T, H), attached to the graph
         if not bool(torch.isfinite(out.detach()).all()):
-            raise ValueError(
+            raise ConfigError(
                 "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
             )
         reply = out.detach().to(device="cpu", dtype=hidden.dtype)
@@ -136,8 +142,13 @@ class TrunkTrainer:
     def backward(self, graph: StepGraph, grad_output: torch.Tensor, apply: bool) -> torch.Tensor:
         """(worker) Back-propagate ``grad_output`` through ``graph``; optionally step the optimizer.
 
+        The gradients are computed first and checked: only when the gradient of the trunk
+        input and every parameter's are finite are they accumulated (and the graph released).
+        Otherwise nothing changes, the graph is kept, and :class:`NonFiniteGradient` says so:
+        the step can be back-propagated again with a corrected gradient.
+
         Args:
-            graph: The step's graph from :meth:`forward` (released afterwards).
+            graph: The step's graph from :meth:`forward` (released after a backward that counts).
             grad_output: ``(B, T, H)`` gradient of the loss w.r.t. the trunk output.
             apply: Step the optimizer (and zero the gradients) after accumulating.
 
@@ -145,28 +156,40 @@ class TrunkTrainer:
             ``(B, T, H)`` gradient w.r.t. the trunk input, on the CPU in ``grad_output``'s dtype.
 
         Raises:
-            ValueError: the gradient's shape differs from the output's, or holds NaN/inf.
+            ValueError: the gradient's shape differs from the output's.
+            NonFiniteGradient: the gradients came out NaN or infinite (e.g. ``grad_output`` is
+                finite but too large for the trunk's dtype); the graph is kept.
         """
         if graph.outputs is None or graph.inputs is None:
-            raise ValueError("this step's graph was already used or released")
+            raise ConfigError("this step's graph was already used or released")
         if tuple(grad_output.shape) != graph.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"grad_output has shape {list(grad_output.shape)} but the trunk output of this step has "
                 f"shape {list(graph.shape)}; send the gradient of the loss w.r.t. that output"
             )
         g = grad_output.to(device=graph.outputs.device, dtype=graph.outputs.dtype)
-        inputs = [graph.inputs, *self.params]
-        try:
-            torch.autograd.backward(graph.outputs, g, inputs=inputs)
-            grad_in = graph.inputs.grad
-        finally:
-            graph.release()
+        grads = torch.autograd.grad(
+            graph.outputs, [graph.inputs, *self.params], g, retain_graph=True, allow_unused=True
+        )
+        grad_in, param_grads = grads[0], grads[1:]
+        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
+            raise ConfigError("backward produced no gradient for the trunk input; the kept graph does not reach it")
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in grads):
+            raise NonFiniteGradient(
+                f"the backward of training step {graph.step_id} gives NaN or infinite gradients (the grad_output "
+                "sent is finite but too large, or already wrong); nothing was accumulated and the step is kept: "
+                "send its Backward again with a finite, smaller gradient (e.g. scale the loss down)."
+            )
+        with torch.no_grad():
+            for p, grad in zip(self.params, param_grads, strict=True):
+                if grad is not None:  # as autograd accumulates: the first gradient, then the sum
+                    p.grad = grad if p.grad is None else p.grad + grad
+        graph.release()
         self.micro_steps += 1
         if apply:
             self.optimizer_step()
-        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
-            raise RuntimeError("backward produced no gradient for the trunk input; the kept graph does not reach it.")
-        return grad_in.to(device="cpu", dtype=grad_output.dtype)  # (B, T, H)
+        result: torch.Tensor = grad_in.to(device="cpu", dtype=grad_output.dtype)
+        return result  # (B, T, H)
 
     def optimizer_step(self) -> int:
         """(worker) Apply the accumulated gradients and zero them; returns optimizer steps so far."""

@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import ConfigError, PreconditionFailed, SessionNotFound, SplitLearnError, TrunkBusy, TrunkRejected
-from ._adapters import AdapterRegistry, create_adapter
+from ._adapters import AdapterRegistry, check_lora_cost, create_adapter
 from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, check_adapter_id
-from ._engine import TrunkTrainer, serialize_state
-from ._lora import LoraAdapter
+from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
+from ._lora import LoraAdapter, lora_config_from_metadata
 from ._pending import PendingSteps
-from ._safetensors import from_safetensors
+from ._safetensors import from_safetensors, safetensors_metadata
 from ._state import TrunkState
 from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy
 from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work
@@ -164,6 +164,9 @@ class TrainingHost:
             return self.adapters.adapters[adapter_id], False
         adapter_id = adapter_id or self.adapters.new_id()
         self.adapters.check_room(adapter_id)
+        check_lora_cost(
+            self.trunk, self.limits, lora_config_from_metadata(safetensors_metadata(weights)) if weights else lora
+        )
         adapter = await self._call(create_adapter, self.trunk, lora, adapter_id, weights)
         self.adapters.check_room(adapter_id)  # a concurrent call may have taken the name
         self.adapters.adapters[adapter_id] = adapter
@@ -286,8 +289,15 @@ class TrainingHost:
         if apply and others:
             raise PreconditionFailed(apply_blocked(others, "other "))
         self.pending.pop(training_id, step_id)
-        with busy(entry, self._clock):
-            return await self._call(backward_work, entry.trainer, graph, grad_output, apply, build)
+        try:
+            with busy(entry, self._clock):
+                return await self._call(backward_work, entry.trainer, graph, grad_output, apply, build)
+        except NonFiniteGradient:
+            if self.sessions.get(training_id) is entry:  # the graph is intact: the step may be sent again
+                self.pending.add(training_id, graph, step_id)
+            else:
+                graph.release()
+            raise
 
     async def optimizer_step(self, training_id: str) -> int:
         """Apply the gradients accumulated by ``backward(apply=False)``; returns optimizer steps so far.
@@ -335,6 +345,7 @@ class TrainingHost:
         """
         check_adapter_id(adapter_id)
         self.adapters.check_room(adapter_id)
+        check_lora_cost(self.trunk, self.limits, lora_config_from_metadata(safetensors_metadata(weights)))
         adapter = await self._call(adapter_from_bytes, self.trunk, weights, adapter_id)
         self.adapters.check_room(adapter_id)  # a concurrent call may have loaded the name meanwhile
         self.adapters.adapters[adapter_id] = adapter

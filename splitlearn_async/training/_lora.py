@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitlearn_async.errors import ArgumentError, ConfigError
+
 from ..errors import CheckpointError
+from ._config import LoraConfig
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -85,7 +88,7 @@ def _adapter_of_cache(cache: Any) -> tuple[bool, LoraAdapter | None]:
         return (hasattr(cache, _CACHE_ATTR), getattr(cache, _CACHE_ATTR, None))
     adapters = {id(getattr(c, _CACHE_ATTR, None)): getattr(c, _CACHE_ATTR, None) for c in caches}
     if len(adapters) > 1:
-        raise ValueError(
+        raise ConfigError(
             "a batched trunk call mixes sessions with different LoRA adapters; the batch key must "
             "include the session's adapter_id so that each batch uses one adapter."
         )
@@ -103,7 +106,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     w = module.weight
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} has no weight tensor; LoRA adapts Linear and Conv1D layers only.")
+        raise ArgumentError(f"{type(module).__name__} has no weight tensor; LoRA adapts Linear and Conv1D layers only.")
     return int(w.shape[0]), int(w.shape[1])
 
 
@@ -127,7 +130,7 @@ def adapter_modules(stage: nn.Module, target_modules: tuple[str, ...] | None) ->
         names = sorted(
             {n.rsplit(".", 1)[-1] for n, m in stage.named_modules() if n.startswith("layers.") and _is_linear(m)}
         )
-        raise ValueError(
+        raise ConfigError(
             f"no linear layer of the trunk matches target_modules={list(target_modules or [])}; "
             f"this trunk's linear layers are named {names}."
         )
@@ -173,7 +176,7 @@ class LoraAdapter:
             fan_in, fan_out = _features(module)
             weight = module.weight
             if not isinstance(weight, torch.Tensor):  # pragma: no cover (_features checked it)
-                raise TypeError(f"{name} has no weight tensor.")
+                raise ArgumentError(f"{name} has no weight tensor.")
             a = torch.empty(self.rank, fan_in, dtype=torch.float32)
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
             a.uniform_(-bound, bound, generator=generator)
@@ -255,19 +258,10 @@ class LoraAdapter:
             CheckpointError: the metadata is not ours, or a tensor is missing or misshapen.
             ValueError: no layer of the stage matches the recorded target modules.
         """
-        if metadata.get("format") != ADAPTER_FORMAT:
-            raise CheckpointError(
-                f"the adapter file's metadata has format={metadata.get('format')!r}, expected {ADAPTER_FORMAT!r}; "
-                "save adapters with splitlearn-async."
-            )
-        try:
-            rank = int(metadata["rank"])
-            alpha = float(metadata["alpha"])
-            dropout = float(metadata.get("dropout", "0.0"))
-            targets = json.loads(metadata.get("target_modules", "null"))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"the adapter file's metadata is incomplete or malformed: {exc!r}.") from exc
-        adapter = cls(stage, rank, alpha, tuple(targets) if targets else None, dropout, seed=0, adapter_id=adapter_id)
+        config = lora_config_from_metadata(metadata)
+        adapter = cls(
+            stage, config.rank, config.alpha, config.target_modules, config.dropout, seed=0, adapter_id=adapter_id
+        )
         adapter.load_tensors(tensors)
         return adapter
 
@@ -282,6 +276,45 @@ class LoraAdapter:
         if self.dropout > 0 and torch.is_grad_enabled():
             x = F.dropout(x, self.dropout, training=True)
         return F.linear(F.linear(x, a), b) * self.scaling  # (..., in) -> (..., r) -> (..., out)
+
+
+def lora_config_from_metadata(metadata: Mapping[str, str]) -> LoraConfig:
+    """The settings an adapter file records (its safetensors metadata), checked as a :class:`LoraConfig`.
+
+    Raises:
+        CheckpointError: the metadata is not ours, lacks a field, or holds a value out of range
+            (a rank that is not a positive int, target modules that are not a list of names...).
+    """
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(
+            f"the adapter file's metadata has format={metadata.get('format')!r}, expected {ADAPTER_FORMAT!r}; "
+            "save adapters with splitlearn-async."
+        )
+    try:
+        targets = json.loads(metadata.get("target_modules", "null"))
+        return LoraConfig(
+            rank=int(metadata["rank"]),
+            alpha=float(metadata["alpha"]),
+            dropout=float(metadata.get("dropout", "0.0")),
+            target_modules=targets,
+        )
+    except (KeyError, ValueError) as exc:  # ConfigError is a ValueError
+        raise CheckpointError(f"the adapter file's metadata is incomplete or out of range: {exc}") from exc
+
+
+def adapter_elements(stage: nn.Module, config: LoraConfig) -> int:
+    """Elements an adapter with ``config`` would hold on ``stage``: ``rank x (in + out)`` per layer.
+
+    Computed from the layers' shapes, before anything is allocated.
+
+    Raises:
+        ValueError: no linear layer of the stage matches the target modules.
+    """
+    total = 0
+    for module in adapter_modules(stage, config.target_modules).values():
+        fan_in, fan_out = _features(module)
+        total += config.rank * (fan_in + fan_out)
+    return total
 
 
 def install_adapter_hooks(stage: nn.Module, names: list[str]) -> None:

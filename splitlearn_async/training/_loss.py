@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from splitlearn_async.errors import ConfigError
+
 __all__ = ["IGNORE_INDEX", "causal_lm_loss"]
 
 #: Labels equal to this are left out of the loss (padding), as in Hugging Face.
@@ -22,7 +24,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
     if not bool((shift_labels != IGNORE_INDEX).any()):
-        raise ValueError("the batch has no label to predict; give sequences of at least two real tokens.")
+        raise ConfigError("the batch has no label to predict; give sequences of at least two real tokens.")
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )

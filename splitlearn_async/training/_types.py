@@ -34,6 +34,9 @@ class TrainingLimits:
         max_adapters: Most LoRA adapters loaded at once.
         session_ttl_s: Seconds a training session may stay idle before :meth:`TrainingHost.sweep`
             closes it.
+        max_lora_rank: Largest rank of an adapter, trained or loaded.
+        max_lora_targets: Most names in an adapter's ``target_modules``.
+        max_adapter_elements: Most elements of one adapter (``rank x (in + out)`` over its layers).
     """
 
     allow_full_training: bool = True
@@ -42,6 +45,9 @@ class TrainingLimits:
     pending_step_ttl_s: float = 300.0
     max_adapters: int = 64
     session_ttl_s: float = math.inf
+    max_lora_rank: int = 4096
+    max_lora_targets: int = 64
+    max_adapter_elements: int = 1 << 40
 
 
 @dataclass(eq=False)

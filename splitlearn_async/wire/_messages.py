@@ -20,7 +20,7 @@ from typing import Any, TypeVar, overload
 
 import msgpack
 
-from splitlearn_async.errors import WireError
+from splitlearn_async.errors import ArgumentError, WireError
 
 __all__ = ["DEFAULT_LIMITS", "DecodeLimits", "Kind", "check_keys", "field", "message_kind", "pack", "unpack"]
 
@@ -83,7 +83,7 @@ def pack(message: Mapping[str, Any]) -> bytes:
             programming error on the sending side, not a malformed frame).
     """
     if not isinstance(message, Mapping):
-        raise TypeError(f"pack() takes a message map, got {type(message).__name__}.")
+        raise ArgumentError(f"pack() takes a message map, got {type(message).__name__}.")
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -152,7 +152,7 @@ def unpack(
         TypeError: ``data`` is not a bytes-like object.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"unpack() takes bytes, got {type(data).__name__}.")
+        raise ArgumentError(f"unpack() takes bytes, got {type(data).__name__}.")
     size = memoryview(data).nbytes
     if max_bytes is not None and size > max_bytes:
         raise WireError(

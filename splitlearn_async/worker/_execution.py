@@ -21,6 +21,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitlearn_async.errors import ConfigError
+
 from ._gathering import Gathered, Unit
 from ._queue import BatchedItem, Outcome, PlainItem
 
@@ -162,7 +164,7 @@ class BatchRunner:
         try:
             results: Sequence[Any] = list(batch_fn([item.payload for item in live]))
             if len(results) != len(live):
-                raise ValueError(
+                raise ConfigError(
                     f"batch_fn returned {len(results)} results for {len(live)} items; "
                     "it must return one result per item, in order."
                 )

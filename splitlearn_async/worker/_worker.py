@@ -11,6 +11,8 @@ from collections.abc import Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
+from splitlearn_async.errors import ArgumentError, StateError
+
 from ..errors import ConfigError, WorkerDied, WorkerStopped
 from ._execution import BatchRunner, WorkerStats, post, set_torch_threads, wait_for_items
 from ._gathering import Gatherer, plan
@@ -110,7 +112,7 @@ class StageWorker:
             )
         if self._thread is not None:
             if loop is not self._loop:
-                raise RuntimeError(f"StageWorker {self.name!r} was started on another event loop.")
+                raise StateError(f"StageWorker {self.name!r} was started on another event loop.")
             return
         self._loop = loop
         torch = sys.modules.get("torch")
@@ -246,7 +248,7 @@ class StageWorker:
         try:
             hash(key)
         except TypeError as exc:
-            raise TypeError(f"run_batched() needs a hashable key: {exc}.") from exc
+            raise ArgumentError(f"run_batched() needs a hashable key: {exc}.") from exc
         result: ResultT = await self._submit(BatchedItem(key, item, batch_fn))
         return result
 
@@ -257,13 +259,13 @@ class StageWorker:
         if not self._accepting:
             if self._closed:
                 raise WorkerStopped(f"StageWorker {self.name!r} has been stopped; it takes no new work.")
-            raise RuntimeError(
+            raise StateError(
                 f"StageWorker {self.name!r} is not started; call `await worker.start()` "
                 "or use `async with worker:` first."
             )
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            raise RuntimeError(f"StageWorker {self.name!r} belongs to another event loop.")
+            raise StateError(f"StageWorker {self.name!r} belongs to another event loop.")
         return await self._queue.submit(item, loop)
 
     def expect(self, source: Callable[[], int]) -> None:
