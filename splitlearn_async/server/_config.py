@@ -194,7 +194,7 @@ class ServerConfig:
         return DecodeLimits(
             max_str=4096,
             max_bin=self.max_message_bytes,
-            max_array=max(16, self.max_lora_targets),
+            max_array=max(64, 2 * self.max_lora_targets),  # room for the caps to answer with their sentence
             max_map=64,
             max_containers=512,
         )
