@@ -1,4 +1,4 @@
-"""benchmarks/latency.py --quick runs to the end and reports what the full run reports (no timings checked)."""
+"""The benchmarks' --quick runs go to the end and report what the full runs report (no timings checked)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def test_latency_quick(tmp_path, placement):
             assert row[key] is not None and row[key] > 0, key
     assert report["server_threads_constant"] is True
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_soak_quick(tmp_path):
+    soak = LATENCY.with_name("soak.py")
+    out = tmp_path / "soak.json"
+    run = subprocess.run(
+        [sys.executable, str(soak), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["identical_tokens"] is True  # the adversary changed nothing of the honest answers
+    assert report["adversary_calls"] > 0
+    codes = {code for per_kind in report["adversary_codes"].values() for code in per_kind}
+    assert codes <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, report["adversary_codes"]  # never INTERNAL
