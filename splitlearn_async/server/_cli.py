@@ -77,6 +77,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"largest message body either way (default {ServerConfig.max_message_bytes})",
     )
     parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or SIGINT: health turns NOT_SERVING and new calls are refused at once; open "
+        "sessions get this many seconds to finish, then the server exits (default 30)",
+    )
+    parser.add_argument(
         "--port-file",
         default=None,
         help="once serving, write the bound port to this file (for scripts that start the server with --port 0)",
@@ -141,6 +148,8 @@ def serve_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     if args.bundle is None and split is None:
         raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
+    if not args.drain_s >= 0:
+        raise ConfigError(f"--drain-s must be a number of seconds >= 0, got {args.drain_s}; e.g. 30.")
     config = ServerConfig(
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
@@ -170,7 +179,8 @@ def serve_main(args: argparse.Namespace) -> int:
             if args.port_file:
                 _write_port_file(args.port_file, server.port)
             await stop.wait()
-            logger.info("stopping (grace 5 s)")
+            logger.info("draining: NOT_SERVING, refusing new calls, %s s for open sessions", args.drain_s)
+            await server.stop(grace=args.drain_s)
 
     asyncio.run(run())
     return 0
