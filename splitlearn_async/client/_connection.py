@@ -15,9 +15,11 @@ Other statuses are translated once, by :mod:`splitlearn_async.client._errors`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -83,22 +85,70 @@ class UnaryCaller(Protocol):
         ...
 
 
+def _check_host_port(address: str, whole: object) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"RemoteTrunk address {whole!r} lacks a valid port; write it as 'host:port', e.g. '127.0.0.1:50051'."
+        )
+    return host, port
+
+
 def check_address(address: object) -> str:
-    """``address`` stripped, if it reads ``host:port`` (an optional ``scheme://`` allowed).
+    """The gRPC target for ``address``: one server, or several replicas balanced by gRPC.
+
+    ``address`` is ``"host:port"`` (an optional ``scheme://`` allowed), a gRPC target that
+    resolves to several servers (``"dns:///trunk.svc:50051"``, ``"ipv4:10.0.0.1:50051,10.0.0.2:50051"``),
+    or a list of ``"host:port"`` strings, which becomes an ``ipv4:`` (or ``ipv6:``) target.
 
     Raises:
-        ConfigError: it is empty or lacks a valid port.
+        ConfigError: it is empty, a list mixes IPv4 and IPv6 or names a host name, or an
+            address lacks a valid port.
     """
+    if isinstance(address, (list, tuple)):
+        return _list_target(address)
     if not isinstance(address, str) or not address.strip():
         raise ConfigError(f"RemoteTrunk needs an address 'host:port', got {address!r}.")
     address = address.strip()
-    target = address.split("://", 1)[-1]
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"RemoteTrunk address {address!r} lacks a valid port; write it as 'host:port', e.g. '127.0.0.1:50051'."
-        )
+    for scheme in ("ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            for part in address[len(scheme) :].split(","):
+                _check_host_port(part, address)
+            return address
+    _check_host_port(address.split("://", 1)[-1], address)
     return address
+
+
+def _list_target(addresses: list[object] | tuple[object, ...]) -> str:
+    """``["10.0.0.1:5001", "10.0.0.2:5002"]`` as the gRPC target ``"ipv4:10.0.0.1:5001,10.0.0.2:5002"``."""
+    if not addresses:
+        raise ConfigError("RemoteTrunk needs at least one address; got an empty list.")
+    families = set()
+    for item in addresses:
+        if not isinstance(item, str):
+            raise ConfigError(f"RemoteTrunk addresses must be 'host:port' strings, got {item!r}.")
+        host, _ = _check_host_port(item.strip(), item)
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ConfigError(
+                f"a list of RemoteTrunk addresses takes IP addresses, got the host name in {item!r}; give one "
+                "name that resolves to every replica instead, e.g. 'dns:///trunk.svc.cluster.local:50051'."
+            ) from None
+    if len(families) > 1:
+        raise ConfigError(f"a list of RemoteTrunk addresses must be all IPv4 or all IPv6, got {list(addresses)}.")
+    return f"ipv{families.pop()}:" + ",".join(str(a).strip() for a in addresses)
+
+
+#: The service config of every channel: round-robin over the resolved servers, and only
+#: over those whose health service says SERVING for ``splitlearn.Trunk`` (a draining
+#: replica says NOT_SERVING and gets no new stream).
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": proto.SERVICE_NAME},
+    }
+)
 
 
 def parse_trunk_result(reply: bytes, what: str) -> proto.TrunkResult:
@@ -124,7 +174,7 @@ class Connection:
         ConfigError: the address has no valid port.
     """
 
-    def __init__(self, address: str, config: ClientConfig) -> None:
+    def __init__(self, address: str | Sequence[str], config: ClientConfig) -> None:
         self.address = check_address(address)
         self.config = config
         self.wire_dtype: torch.dtype | None = WIRE_DTYPES[config.wire_dtype] if config.wire_dtype else None
@@ -166,6 +216,9 @@ class Connection:
             ("grpc.initial_reconnect_backoff_ms", max(backoff_ms, 10)),
             ("grpc.min_reconnect_backoff_ms", max(backoff_ms, 10)),
             ("grpc.max_reconnect_backoff_ms", max(int(c.max_backoff_s * 1000), 10)),
+            # several replicas behind one target: gRPC's round robin over the healthy ones
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.enable_retries", 0),  # our own retry loop replays sessions; gRPC's must not resend
         ]
         if c.tls_server_name:
             options.append(("grpc.ssl_target_name_override", c.tls_server_name))

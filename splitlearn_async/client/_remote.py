@@ -14,7 +14,7 @@ Faults, in one place each:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,15 +46,24 @@ class RemoteTrunk:
     :meth:`forward` and :meth:`info` yourself. The channel is created on first use, inside
     the running event loop.
 
+    Several replicas of one trunk: give a target that resolves to all of them
+    (``"dns:///trunk.svc.cluster.local:50051"``, e.g. a Kubernetes headless Service) or a
+    list of addresses (``["10.0.0.1:50051", "10.0.0.2:50051"]``). gRPC balances new
+    sessions round-robin over the replicas whose health service says SERVING; each
+    session's stream stays on one replica. When a replica dies, its sessions replay their
+    messages on another one (``ClientConfig.replay``); a draining replica (SIGTERM) turns
+    NOT_SERVING and gets no new session while it finishes its open ones.
+
     Args:
-        address: ``"host:port"`` of the server.
+        address: ``"host:port"`` of the server, a gRPC target naming several, or a list of
+            ``"host:port"``.
         config: Deadlines, retries, TLS, token and wire dtype; ``None`` uses ``ClientConfig()``.
 
     Raises:
-        ConfigError: the address has no valid port, or ``config`` is not a ClientConfig.
+        ConfigError: an address has no valid port, or ``config`` is not a ClientConfig.
     """
 
-    def __init__(self, address: str, config: ClientConfig | None = None) -> None:
+    def __init__(self, address: str | Sequence[str], config: ClientConfig | None = None) -> None:
         if config is None:
             config = ClientConfig()
         if not isinstance(config, ClientConfig):

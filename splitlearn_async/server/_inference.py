@@ -71,7 +71,7 @@ class InferenceService:
         session: Session | None = None
         try:
             async for body in requests:
-                if s.stopping:
+                if s.stopping and session is None:  # draining: open sessions finish, new ones go elsewhere
                     raise TrunkUnavailable(
                         "the server is shutting down; open a new session on another server or retry later."
                     )

@@ -192,9 +192,11 @@ class AsyncGRPCComputeServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving: refuse new work with UNAVAILABLE, let running calls finish, free everything.
 
-        Health turns NOT_SERVING at once; calls in flight get up to ``grace`` seconds, then
-        are cancelled; the worker thread is stopped and joined; every session is freed. A
-        second call does nothing.
+        Health turns NOT_SERVING at once and new calls and new sessions are refused (a
+        balanced client sends them to another replica); calls in flight, and the steps of
+        sessions already open, get up to ``grace`` seconds (a drain), then are cancelled;
+        the worker thread is stopped and joined; every session is freed. A second call does
+        nothing.
 
         Args:
             grace: Seconds to let calls in flight finish; ``None`` waits for all of them.
@@ -264,6 +266,8 @@ class AsyncGRPCComputeServer:
             "wire_dtypes": list(proto.HIDDEN_DTYPES),
             "reply_dtype": c.wire_dtype,
             "max_sessions": c.max_sessions,
+            "sessions_open": self.store.sessions_open,
+            "sessions_opened": self.store.sessions_opened,
             "max_tokens_total": c.max_tokens_total,
             "max_session_tokens": c.max_session_tokens,
             "session_ttl_s": float(c.session_ttl_s),

@@ -92,6 +92,7 @@ class SessionStore:
         self._sessions: dict[int, Session] = {}
         self._tokens = 0
         self._ids = itertools.count(1)
+        self._opened = 0
 
     @property
     def sessions_open(self) -> int:
@@ -126,6 +127,11 @@ class SessionStore:
                 "send shorter prompts or fewer rows."
             )
 
+    @property
+    def sessions_opened(self) -> int:
+        """Sessions opened since the store was made (a replica's share of the sessions)."""
+        return self._opened
+
     def open(self, rows: int, columns: int, session_id: str | None = None) -> Session:
         """Open a session of ``rows`` rows, reserving ``columns`` columns for its first message.
 
@@ -144,6 +150,7 @@ class SessionStore:
             )
         self._check_budget(rows * columns)
         number = next(self._ids)
+        self._opened += 1
         session = Session(session_id or f"s{number}", rows, columns, self._clock(), _key=number)
         self._sessions[number] = session
         self._tokens += session.tokens

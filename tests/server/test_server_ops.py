@@ -133,9 +133,12 @@ async def test_health_and_stop(trunk):
             await s.open(*case[0])
             stopping = asyncio.create_task(server.stop(grace=5.0))
             await wait_until(lambda: server.context.stopping)
+            # a drain: the open session's steps are still served, a new session is refused
+            await s.step(*case[1])
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await s.step(*case[1])
+                await RawSession(chan).open(*case[0])
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await s.close()
             await stopping
     finally:
         await server.stop()
