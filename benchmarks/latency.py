@@ -3,6 +3,7 @@
     python benchmarks/latency.py                          # --placement isolated, N in 1,8,32,64
     python benchmarks/latency.py --placement shared       # every process on every core
     python benchmarks/latency.py --quick                  # a tiny run for CI: checks that everything works
+    python benchmarks/latency.py --replicas 2             # two server processes behind one balanced client
 
 The embedded SmolLM2-135M-Instruct, split (3, 27), fp32, greedy.
 
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--loadgen-prompt", type=int, default=64, help="prompt tokens of each load-generator session")
     parser.add_argument("--loadgen-steps", type=int, default=32, help="decode steps of each load-generator session")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="K > 1: only the replicas phase (benchmarks/replicas.py): K server processes, one core "
+                        "each, behind one balanced client, N = the last --concurrency; writes latency-replicas.json")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency-<placement>.json)")
     parser.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     args = parser.parse_args(argv)
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = default_bundle()
     tokenizer = load_tokenizer(bundle)
     stages = load_stages(bundle)
+    if args.replicas > 1:
+        return replicas_main(args, bundle, tokenizer, stages)
     model = full_model(stages)
     pad = tokenizer.pad_token_id
     placement = args.placement
@@ -427,6 +433,29 @@ def main(argv: list[str] | None = None) -> int:
         report["batching_on"] = run_server_phase(args, bundle, True, tokenizer, stages, bar, args.concurrency)
         report["batching_off"] = run_server_phase(args, bundle, False, tokenizer, stages, bar, args.off_concurrency)
     summarize(report, args)
+    return 0
+
+
+def replicas_main(args: argparse.Namespace, bundle: Path, tokenizer: Any, stages: Any) -> int:
+    """``--replicas K``: K server processes behind one balanced client (benchmarks/replicas.py)."""
+    from replicas import run_replicas  # benchmarks/ is on the path: this file runs as a script from there
+
+    n = args.concurrency[-1]
+    ids, mask = encode(tokenizer, n)
+    prompts = [unpadded(ids, mask, i) for i in range(n)]
+    new = max(args.new_tokens, 6)  # the kill comes after 3 tokens: leave some to replay
+    result = run_replicas(args.replicas, bundle, stages, prompts, new, tokenizer.pad_token_id)
+    result["replicas"] = args.replicas
+    out = Path(args.out) if args.out and not args.out.endswith(f"latency-{args.placement.name}.json") else (
+        RESULTS / "latency-replicas.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    f = result["failover"]
+    print(f"replicas {args.replicas}: {n} sessions, {result['tok_s']} tok/s; sessions per replica "
+          f"{result['per_replica_sessions']}, CPU-s per replica {result['per_replica_cpu_s']}")
+    print(f"failover: replica {f['killed_replica']} killed with {f['its_sessions']} sessions; kill to first token "
+          f"after replay {f['kill_to_first_token_ms']} ms (other sessions' median {f['others_first_token_ms_median']} "
+          f"ms); identical tokens {f['identical_tokens']}")
     return 0
 
 

@@ -51,3 +51,18 @@ def test_soak_quick(tmp_path):
     assert report["adversary_calls"] > 0
     codes = {code for per_kind in report["adversary_codes"].values() for code in per_kind}
     assert codes <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, report["adversary_codes"]  # never INTERNAL
+
+
+def test_latency_replicas_quick(tmp_path):
+    out = tmp_path / "replicas.json"
+    run = subprocess.run(
+        [sys.executable, str(LATENCY), "--quick", "--replicas", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert sum(report["per_replica_sessions"]) == report["sessions"] == 2
+    assert report["per_replica_sessions"] == [1, 1]  # round robin: one each
+    failover = report["failover"]
+    assert failover["identical_tokens"] is True and failover["replays"] == failover["its_sessions"] >= 1
+    assert len(failover["kill_to_first_token_ms"]) == failover["its_sessions"]
