@@ -3,7 +3,9 @@
 Bottom and top run on the client's :class:`~splitlearn_async.worker.StageWorker` thread,
 never on the event loop; the trunk is any :class:`~._protocols.Trunk` (a ``LocalTrunk`` or a
 ``RemoteTrunk``), used through one session per generation. Each stage keeps its own KV
-cache, so no step recomputes the prefix.
+cache, so no step recomputes the prefix. A call's settings, streamer and output are
+:class:`~._generation.GenerationCall`'s; they resolve as ``model.generate`` resolves them
+(see ``docs/generation.md``).
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.generation.configuration_utils import GenerationConfig
 
 from ..errors import ClientClosed, ConfigError, TrunkTimeout
 from ..models.cache import KVCache
-from ..models.decoding import DecodeState, SamplingConfig
+from ..models.decoding import DecodeState
 from ..models.stages import BottomStage, TopStage
 from ..worker import StageWorker
+from ._generation import GenerationCall
 from ._pipeline_steps import TextDecoder, batch_length, bottom_steps, top_bottom_steps
 from ._protocols import Trunk
 from ._trunk import TrunkSession
@@ -46,7 +50,8 @@ class StreamChunk:
     """One decode step of :meth:`SplitPipeline.stream`.
 
     Attributes:
-        tokens: ``(B,)`` the new token of every row (``pad_token_id`` once a row finished).
+        tokens: ``(B,)`` the new token of every row (``pad_token_id`` once a row finished);
+            ``B`` counts every returned sequence (prompts times ``num_return_sequences``).
         finished: ``(B,)`` bool, rows that have produced eos (this step included).
         text: Per row, the new text this step adds (with a tokenizer), else ``None``.
     """
@@ -63,8 +68,8 @@ class SplitPipeline:
         bottom: The client's :class:`BottomStage`.
         trunk: A ``RemoteTrunk`` or ``LocalTrunk`` (any :class:`~._protocols.Trunk`).
         top: The client's :class:`TopStage`.
-        tokenizer: Optional Hugging Face tokenizer, for :meth:`generate_text` and text in
-            :meth:`stream`.
+        tokenizer: Optional Hugging Face tokenizer, for :meth:`generate_text`, text in
+            :meth:`stream` and ``stop_strings``.
         worker: The worker thread for bottom and top; by default the pipeline starts its own
             on first use (batching on, at most 32 streams per call) and stops it in
             :meth:`aclose`. The bottom and top steps of concurrent :meth:`stream` /
@@ -144,53 +149,49 @@ class SplitPipeline:
             )
         self._trunk_checked = True
 
-    def _defaults(self, eos_token_id: Any, pad_token_id: Any) -> tuple[Any, Any]:
-        config = self.bottom.config
-        if eos_token_id is None:
-            eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-            if eos_token_id is None:
-                eos_token_id = getattr(config, "eos_token_id", None)
-        if pad_token_id is None:
-            if self.tokenizer is not None:
-                pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
-            if pad_token_id is None:
-                pad_token_id = getattr(config, "pad_token_id", None)
-        return eos_token_id, pad_token_id
-
     async def stream(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Iterable[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
     ) -> AsyncGenerator[StreamChunk, None]:
         """Yield a :class:`StreamChunk` per decode step as tokens come.
 
-        Arguments are those of :meth:`generate`. Leaving the iteration early (or cancelling
-        the task) closes the trunk session.
+        Takes the arguments of :meth:`generate` (``timeout_s`` aside: stop iterating to
+        stop). Leaving the iteration early (or cancelling the task) closes the trunk
+        session.
         """
+        call = GenerationCall(kwargs, self.tokenizer)  # forks the global generator now, as generate draws from it
+        try:
+            steps = self._steps(call, input_ids, attention_mask, generation_config)
+            async with contextlib.aclosing(steps):
+                async for chunk in steps:
+                    yield chunk
+        finally:
+            call.finish()
+
+    async def _steps(
+        self,
+        call: GenerationCall,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generation_config: GenerationConfig | None,
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """One call's generation: settings resolved on the worker, then the decode loop."""
         worker = await self._ensure_worker()
-        eos, pad = self._defaults(eos_token_id, pad_token_id)
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-        state = DecodeState(input_ids, attention_mask, max_new_tokens, eos, pad, sampling)
-        if state.done:
-            return
-        caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
-        ids, mask, pos = state.prompt_inputs()
+        generation = await worker.run(call.resolve, self.top, input_ids, attention_mask, generation_config)
+        state = call.begin(generation)
         decoder = TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
         await self._check_trunk()
         session = await self.trunk.open_session(adapter_id=self.adapter_id or None)
+        caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
         self._streams += 1
         try:
-            steps = self._decode(worker, session, state, ids, mask, pos, caches, decoder)
+            steps = self._decode(worker, session, state, caches, decoder)
             async with session, contextlib.aclosing(steps):
                 async for chunk in steps:
+                    call.put(chunk.tokens)
                     yield chunk
         finally:
             self._streams -= 1
@@ -202,9 +203,6 @@ class SplitPipeline:
         worker: StageWorker,
         session: TrunkSession,
         state: DecodeState,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        pos: torch.Tensor,
         caches: tuple[KVCache, KVCache],
         decoder: TextDecoder | None,
     ) -> AsyncGenerator[StreamChunk, None]:
@@ -216,6 +214,7 @@ class SplitPipeline:
         steps of all streams gather into one batch (a top and a bottom item apart would
         batch as two half-batches that never meet again).
         """
+        ids, mask, pos = state.prompt_inputs()  # (B, T) each
         hidden = await worker.run_batched(
             ("bottom", id(self.bottom), batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
         )  # (B, T, H)
@@ -244,50 +243,63 @@ class SplitPipeline:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Iterable[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
         timeout_s: float | None = None,
-    ) -> torch.Tensor:
-        """Generate with Hugging Face semantics; returns ``(B, T + new)`` token ids.
+        **kwargs: Any,
+    ) -> Any:
+        """Generate as ``model.generate`` of the unsplit model does, token for token.
+
+        Settings resolve as in ``model.generate``: keywords override
+        ``generation_config``, which overrides the model's own (the top stage's
+        ``generation_config``, kept by :func:`split_model` and the bundles), which
+        overrides transformers' defaults. Every ``GenerationConfig`` field of greedy search
+        and sampling works, through transformers' own logits processors and stopping
+        criteria: ``max_new_tokens``/``max_length``, ``min_new_tokens``/``min_length``,
+        ``eos_token_id`` (an int or a list; ``None`` explicitly: no eos),
+        ``pad_token_id`` (default: the first eos, with transformers' warning),
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
+        ``suppress_tokens``, ``stop_strings``, ``num_return_sequences``,
+        ``return_dict_in_generate`` with ``output_scores``/``output_logits``, ...
 
         Args:
             input_ids: ``(B, T)`` prompts, left-padded.
-            attention_mask: ``(B, T)``, 1 for real tokens (default all ones).
-            max_new_tokens: At most this many new tokens.
-            do_sample: Sample (with ``temperature``, ``top_k``, ``top_p``); else greedy.
-            eos_token_id: Token id(s) that end a row (default: tokenizer's, else config's).
-            pad_token_id: Fills finished rows (default: tokenizer's, else config's, else eos).
-            seed: Seed of the sampler; the same seed gives the same tokens.
+            attention_mask: ``(B, T)``, 1 for real tokens (default: inferred from
+                ``pad_token_id`` as ``generate`` does, else all ones).
+            generation_config: A ``transformers.GenerationConfig`` for this call.
             timeout_s: Deadline of the whole call; past it the generation is cancelled, its
                 trunk session closed, and :class:`TrunkTimeout` raised. ``None``: no deadline
                 (each trunk call still has ``ClientConfig.step_timeout_s``).
+            **kwargs: ``GenerationConfig`` fields, and as in ``generate``:
+                ``logits_processor`` (a ``LogitsProcessorList``), ``stopping_criteria``
+                (a ``StoppingCriteriaList``), ``prefix_allowed_tokens_fn``, ``streamer``
+                (anything with ``put(token_ids)`` and ``end()``: ``TextStreamer``,
+                ``TextIteratorStreamer``, ...; ended even if the call fails),
+                ``tokenizer`` (for ``stop_strings``; default: the pipeline's); and
+                ``seed``: the call's own sampler seed, so that concurrent calls are
+                reproducible (``seed=s`` equals ``torch.manual_seed(s)`` before
+                ``model.generate``). Without a seed, sampling draws from torch's global
+                generator, as ``generate`` does: ``torch.manual_seed(s)`` before the call
+                gives ``generate``'s tokens after the same seed.
 
-        Greedy output equals ``model.generate(..., do_sample=False)`` of the unsplit model.
+        Returns:
+            ``(B * num_return_sequences, T + new)`` token ids on ``input_ids``'s device,
+            or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput``
+            (``sequences``; ``scores`` and ``logits`` when asked for, on the CPU).
 
         Raises:
-            ValueError: bad arguments (shapes, right padding, sampling settings).
-            ConfigError: the trunk's layers or model do not fit the bottom and top.
+            ConfigError: an option a split model cannot run yet (``num_beams`` > 1,
+                assisted or contrastive decoding, ``output_attentions``, ...), or an
+                unknown keyword; the message names it and the fix. Also the trunk's
+                layers or model do not fit the bottom and top.
+            ValueError: bad prompts (shape, right padding) or settings transformers
+                refuses (its own message).
             TrunkTimeout: ``timeout_s`` passed (or one trunk call its ``step_timeout_s``).
             TrunkError: the trunk failed (see the error tree).
         """
-        run = self._generate(
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            seed,
-        )
+        call = GenerationCall(kwargs, self.tokenizer)  # forks the global generator now, as generate draws from it
+        run = self._collect(call, input_ids, attention_mask, generation_config)
         if timeout_s is None:
             return await run
         # asyncio.wait_for, not an anyio cancel scope: see ``client/_remote_session.py``
@@ -301,36 +313,21 @@ class SplitPipeline:
                 "raise timeout_s or lower max_new_tokens."
             ) from None
 
-    async def _generate(
+    async def _collect(
         self,
+        call: GenerationCall,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        eos_token_id: Any,
-        pad_token_id: int | None,
-        seed: int | None,
-    ) -> torch.Tensor:
-        steps: list[torch.Tensor] = []
-        stream = self.stream(
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            seed,
-        )
-        async with contextlib.aclosing(stream):
-            async for chunk in stream:
-                steps.append(chunk.tokens[:, None])
-        return torch.cat([input_ids.to("cpu").long(), *steps], dim=1)
+        generation_config: GenerationConfig | None,
+    ) -> Any:
+        try:
+            steps = self._steps(call, input_ids, attention_mask, generation_config)
+            async with contextlib.aclosing(steps):
+                async for _ in steps:
+                    pass
+        finally:
+            call.finish()
+        return call.output(input_ids.device)
 
     async def generate_text(
         self, prompt: str | Sequence[dict[str, str]], max_new_tokens: int = 128, **kwargs: Any
@@ -338,14 +335,16 @@ class SplitPipeline:
         """Generate an answer to a prompt string or a list of chat messages.
 
         Chat messages (``[{"role": "user", "content": ...}, ...]``) go through the
-        tokenizer's chat template with the generation prompt added. Returns the new text.
+        tokenizer's chat template with the generation prompt added. ``kwargs`` are those
+        of :meth:`generate`. Returns the new text of the first sequence.
 
         Raises:
             ValueError: the pipeline has no tokenizer.
         """
         input_ids, attention_mask = self.encode(prompt)
         out = await self.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
-        return str(self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        return str(self.tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True))
 
     def encode(self, prompt: str | Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask ``(1, T)`` of a prompt string or chat messages."""

@@ -3,16 +3,19 @@
 Layout::
 
     BUNDLE/
-      bottom/  manifest.json  model.safetensors     (client)
-      trunk/   manifest.json  model.safetensors     (server: copy only this directory)
-      top/     manifest.json  model.safetensors     (client)
-      tokenizer/                                    (optional, client)
+      bottom/  manifest.json  model.safetensors  generation_config.json     (client)
+      trunk/   manifest.json  model.safetensors  generation_config.json     (server: copy only this directory)
+      top/     manifest.json  model.safetensors  generation_config.json     (client)
+      tokenizer/                                                           (optional, client)
 
 Tensors keep their checkpoint names (``model.layers.5.mlp.up_proj.weight``), so a part
 is a slice of the original checkpoint. A tied LM head is stored once, in ``bottom/``, and
 ``top``'s manifest points at it. Each manifest records the family, the full config, the
 layer range, the dtype, the format version and the sha256 of every file; loading checks
-them. Nothing is ever unpickled.
+them. Each part also keeps the model's ``generation_config.json`` (``generate``'s defaults,
+as a Hugging Face model folder does), so that a part loaded alone still generates as the
+whole model would; bundles written before it load with the default that transformers
+derives from the config. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FORMAT = "splitlearn-async/stage"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 _CHUNK = 8 << 20
 
 
@@ -99,6 +103,9 @@ def save_stages(stages: SplitStages | Any, directory: str | os.PathLike[str], to
         tmp = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=root))
         try:
             save_file(contiguous, str(tmp / WEIGHTS), metadata={"format": FORMAT, "part": part})
+            if stage.generation_config is not None:
+                text = stage.generation_config.to_json_string(use_diff=True)
+                (tmp / GENERATION_CONFIG).write_text(text, encoding="utf-8")
             manifest = _manifest(stage, contiguous, tied_refs, tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         except BaseException:
@@ -119,7 +126,7 @@ def replace_dir(new: Path, final: Path) -> None:
 
 
 def _manifest(stage: Stage, tensors: dict[str, torch.Tensor], tied: dict[str, str], folder: Path) -> dict[str, Any]:
-    weights = folder / WEIGHTS
+    files = [folder / name for name in (WEIGHTS, GENERATION_CONFIG) if (folder / name).is_file()]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -135,7 +142,7 @@ def _manifest(stage: Stage, tensors: dict[str, torch.Tensor], tied: dict[str, st
             n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()
         },
         "tied": tied,
-        "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
+        "files": {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size} for path in files},
     }
 
 
@@ -214,6 +221,7 @@ class BundleSource(TensorSource):
 
         config = {k: v for k, v in first["config"].items() if k != "model_type"}
         self.config = AutoConfig.for_model(first["model_type"], **config)
+        self.generation_config = self._generation_config(parts)
         self.split_points = self._split_points()
         self._where: dict[str, str] = {}
         for part in parts:
@@ -229,6 +237,43 @@ class BundleSource(TensorSource):
                     )
                 self._where[name] = owner
         self._handles: dict[str, Any] = {}
+
+    def _generation_config(self, parts: tuple[str, ...]) -> Any:
+        """The model's generation config from the first part that keeps one, checked; None if none does."""
+        from transformers import GenerationConfig
+
+        for part in (*parts, *self.dirs):
+            path = self.dirs[part] / GENERATION_CONFIG
+            if not path.is_file():
+                continue
+            self._check_file(part, GENERATION_CONFIG)
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                return GenerationConfig.from_dict(data)
+            except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+                raise BundleCorruptError(
+                    f"{path} is not a valid generation config ({exc}); re-create the bundle with `splitlearn split`."
+                ) from exc
+        return None
+
+    def _check_file(self, part: str, fname: str) -> None:
+        """Check one file of a part against its manifest entry (size, and sha256 when verifying)."""
+        meta = self.manifests[part]["files"].get(fname)
+        fpath = self.dirs[part] / fname
+        if meta is None:
+            return  # not recorded (written by hand): nothing to check it against
+        if not fpath.is_file():
+            raise BundleCorruptError(f"{fpath} is missing; re-create the bundle with `splitlearn split`.")
+        if fpath.stat().st_size != meta["bytes"]:
+            raise BundleCorruptError(
+                f"{fpath} has {fpath.stat().st_size} bytes but its manifest records {meta['bytes']}: the file is "
+                "truncated or was replaced. Re-create the bundle with `splitlearn split`."
+            )
+        if self.verify and sha256_file(fpath) != meta["sha256"]:
+            raise BundleCorruptError(
+                f"{fpath} does not match the sha256 in {self.dirs[part] / MANIFEST}: the file was modified or "
+                "corrupted. Re-create the bundle with `splitlearn split`."
+            )
 
     def _split_points(self) -> tuple[int, int] | None:
         m = self.manifests
@@ -246,20 +291,9 @@ class BundleSource(TensorSource):
         from safetensors import SafetensorError, safe_open
 
         part_dir = self.dirs[part]
-        for fname, meta in self.manifests[part]["files"].items():
-            fpath = part_dir / fname
-            if not fpath.is_file():
-                raise BundleCorruptError(f"{fpath} is missing; re-create the bundle with `splitlearn split`.")
-            if fpath.stat().st_size != meta["bytes"]:
-                raise BundleCorruptError(
-                    f"{fpath} has {fpath.stat().st_size} bytes but its manifest records {meta['bytes']}: the file is "
-                    "truncated or was replaced. Re-create the bundle with `splitlearn split`."
-                )
-            if self.verify and sha256_file(fpath) != meta["sha256"]:
-                raise BundleCorruptError(
-                    f"{fpath} does not match the sha256 in {part_dir / MANIFEST}: the file was modified or corrupted. "
-                    "Re-create the bundle with `splitlearn split`."
-                )
+        for fname in self.manifests[part]["files"]:
+            if fname != GENERATION_CONFIG:  # checked when it was read
+                self._check_file(part, fname)
         try:
             handle = safe_open(str(part_dir / WEIGHTS), framework="pt")
         except (SafetensorError, OSError) as exc:

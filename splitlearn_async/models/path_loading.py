@@ -8,6 +8,7 @@ conversion loads its GGUF file from here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -104,8 +105,11 @@ def load_from_path(
             )
         tensor_source = open_source(path)
     try:
-        skeleton = _empty_model(tensor_source.config)
-        stages = split_model(skeleton, split_points, parts)  # parameters still on meta
+        skeleton = _empty_model(tensor_source.config)  # its generation_config: from the config, as transformers'
+        saved = _saved_generation_config(path, tensor_source)
+        if saved is not None:
+            skeleton.generation_config = saved
+        stages = split_model(skeleton, split_points, parts)  # parameters still on meta; generation_config kept
         del skeleton
         materialize(stages, tensor_source, dtype=target_dtype, device=device, progress=progress)
     finally:
@@ -113,6 +117,32 @@ def load_from_path(
     for stage in stages.present().values():
         stage.eval()
     return stages
+
+
+def _saved_generation_config(path: Path, source: TensorSource) -> Any:
+    """The generation config saved with a bundle or a Hugging Face folder; None for a GGUF file.
+
+    As ``from_pretrained`` does: a folder's ``generation_config.json``, else the generation
+    fields of its ``config.json``. A GGUF file carries none (``from_pretrained`` then keeps
+    the default it derives from the config, as the skeleton does). Read from the local
+    files only; nothing is fetched.
+
+    Raises:
+        CheckpointError: the folder's JSON cannot be read.
+    """
+    if isinstance(source, BundleSource):
+        return source.generation_config
+    if not path.is_dir():
+        return None
+    from transformers import GenerationConfig
+
+    saved, config_file = path / "generation_config.json", path / "config.json"
+    try:
+        if saved.is_file():
+            return GenerationConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        return GenerationConfig.from_model_config(json.loads(config_file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"the generation config in {path} cannot be read: {exc}") from exc
 
 
 def _split_points_of_single_part(bundle: BundleSource) -> tuple[int, int]:

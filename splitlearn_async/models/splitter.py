@@ -73,7 +73,9 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
     Returns:
         :class:`SplitStages`, which unpacks as ``bottom, trunk, top``. The stages share
         their parameters with ``model`` (training a stage trains the model) and leave
-        ``model`` itself unchanged and usable.
+        ``model`` itself unchanged and usable. Every stage keeps a copy of
+        ``model.generation_config`` (its ``generation_config``), so that generation with
+        the stages resolves its settings as ``model.generate`` does.
 
     Raises:
         UnsupportedModelError: the model's family is not supported.
@@ -105,6 +107,7 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
         module: nn.Module = copy.deepcopy(get_path(model, path), memo)
         return module
 
+    generation_config = copy.deepcopy(getattr(model, "generation_config", None))  # generate's defaults
     all_layers = get_path(model, family.layers)
     ranges = {"bottom": (0, a), "trunk": (a, b), "top": (b, n)}
     built: dict[str, Stage] = {}
@@ -124,6 +127,7 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
         rotary = take(family.rotary) if hi > lo and family.rotary else None
         stage = STAGE_CLASSES[part](family, stage_config, (lo, hi), layers, rotary, base, modules)
         stage.train(model.training)
+        stage.generation_config = generation_config
         built[part] = stage
     return SplitStages(
         bottom=_built(built, "bottom", BottomStage),

@@ -44,6 +44,9 @@ class Stage(nn.Module):
     """
 
     part: str = ""
+    #: The model's ``GenerationConfig`` (``generate``'s defaults: eos, pad, sampling, ...),
+    #: kept by :func:`split_model`, the loaders and the bundles; None on a stage made by hand.
+    generation_config: Any = None
 
     def __init__(
         self,
@@ -314,6 +317,11 @@ class SplitStages:
 
     def __getitem__(self, index: int) -> Stage | None:
         return (self.bottom, self.trunk, self.top)[index]
+
+    @property
+    def generation_config(self) -> Any:
+        """The model's ``GenerationConfig``, which every stage keeps (None if none has one)."""
+        return next((s.generation_config for s in self if s is not None and s.generation_config is not None), None)
 
     def present(self) -> dict[str, Stage]:
         """The stages that exist, by part name."""

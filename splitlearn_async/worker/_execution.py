@@ -12,11 +12,13 @@ worker thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,16 @@ from splitlearn_async.errors import ConfigError
 from ._gathering import Gathered, Unit
 from ._queue import BatchedItem, Outcome, PlainItem
 
-__all__ = ["BatchRunner", "WorkerStats", "deliver", "post", "set_torch_threads", "wait_for_items"]
+__all__ = [
+    "INTERPRETER_EXITING",
+    "BatchRunner",
+    "WorkerStats",
+    "deliver",
+    "post",
+    "set_torch_threads",
+    "track_thread",
+    "wait_for_items",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,34 +82,83 @@ def set_torch_threads(torch_threads: int | None) -> None:
 
 
 def wait_for_items(
-    name: str, loop: asyncio.AbstractEventLoop, next_batch: Callable[[], Coroutine[Any, Any, Gathered]]
+    name: str,
+    loop: asyncio.AbstractEventLoop,
+    next_batch: Callable[[], Coroutine[Any, Any, Gathered]],
+    ending: Callable[[], bool],
 ) -> Gathered | None:
-    """(thread) Block until the loop hands over a batch of items; None if the loop is gone."""
+    """(thread) Block until the loop hands over a batch of items; None once the thread should end.
+
+    The thread ends quietly when its loop is gone or going: ``ending()`` says so (the loop
+    is shutting down, or the interpreter is exiting), the loop is closed, or the loop
+    cancelled the wait (``asyncio.run`` cancels every task when its main coroutine
+    returns). A program that never called ``stop()`` thus exits without a word.
+    """
+    if ending() or loop.is_closed():
+        logger.debug("StageWorker %r: the event loop is ending without stop(); thread ends", name)
+        return None
+    waiting = next_batch()
     try:
-        pending = asyncio.run_coroutine_threadsafe(next_batch(), loop)
-    except RuntimeError:  # the loop is closed
-        logger.warning("StageWorker %r: event loop closed without stop(); thread ends", name)
+        pending = asyncio.run_coroutine_threadsafe(waiting, loop)
+    except RuntimeError:  # the loop closed meanwhile
+        waiting.close()
+        logger.debug("StageWorker %r: event loop closed without stop(); thread ends", name)
         return None
     while True:
         try:
             return pending.result(timeout=_IDLE_POLL_S)
         except concurrent.futures.TimeoutError:
-            if loop.is_closed():
+            if loop.is_closed():  # nothing to cancel: the loop cannot run the task again
+                logger.debug("StageWorker %r: event loop closed without stop(); thread ends", name)
+                return None
+            if INTERPRETER_EXITING.is_set():
                 pending.cancel()
-                logger.warning("StageWorker %r: event loop closed without stop(); thread ends", name)
+                logger.debug("StageWorker %r: the interpreter is exiting; thread ends", name)
                 return None
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
             # the loop is shutting down and cancelled its tasks (asyncio.run does)
-            logger.warning("StageWorker %r: event loop shut down without stop(); thread ends", name)
+            logger.debug("StageWorker %r: event loop shut down without stop(); thread ends", name)
             return None
 
 
 def post(name: str, loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
-    """(thread) Schedule ``callback(*args)`` on ``loop``; log if the loop is gone."""
+    """(thread) Schedule ``callback(*args)`` on ``loop``; if the loop is gone, nobody waits for it."""
     try:
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
-        logger.warning("StageWorker %r: event loop closed; an outcome was dropped", name)
+        logger.debug("StageWorker %r: event loop closed; an outcome was dropped", name)
+
+
+#: Set when the interpreter exits: worker threads whose loop still runs elsewhere end too.
+INTERPRETER_EXITING = threading.Event()
+
+#: Worker threads alive, joined at interpreter exit (see :func:`track_thread`).
+_LIVE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_EXIT_JOIN_S = 5.0
+_join_registered = False
+
+
+def track_thread(thread: threading.Thread) -> None:
+    """Have ``thread`` (a worker thread) joined when the interpreter exits.
+
+    A worker thread still inside torch while the interpreter tears down its C++ runtime
+    aborts the process (``terminate called without an active exception``). At exit, after
+    the program's own threads are joined, every worker thread is told to end and joined
+    (for at most a few seconds), so that a program that never stopped its workers exits
+    cleanly and silently.
+    """
+    global _join_registered
+    if not _join_registered:
+        atexit.register(_join_at_exit)
+        _join_registered = True
+    _LIVE_THREADS.add(thread)
+
+
+def _join_at_exit() -> None:
+    INTERPRETER_EXITING.set()
+    for thread in list(_LIVE_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(timeout=_EXIT_JOIN_S)
 
 
 def deliver(outcomes: list[Outcome]) -> None:

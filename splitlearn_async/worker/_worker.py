@@ -14,13 +14,16 @@ from typing import Any, ParamSpec, TypeVar
 from splitlearn_async.errors import ArgumentError, StateError
 
 from ..errors import ConfigError, WorkerDied, WorkerStopped
-from ._execution import BatchRunner, WorkerStats, post, set_torch_threads, wait_for_items
+from ._execution import BatchRunner, WorkerStats, post, set_torch_threads, track_thread, wait_for_items
 from ._gathering import Gatherer, plan
 from ._queue import BatchedItem, Item, PlainItem, WorkQueue
 
 __all__ = ["StageWorker"]
 
 logger = logging.getLogger(__name__)
+
+#: How long a loop shutting down without stop() waits for its worker thread to end.
+_LOOP_END_WAIT_S = 10.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -93,6 +96,8 @@ class StageWorker:
         self._accepting = False
         self._closed = False  # stop() was called: no (re)start
         self._stop_requested = False
+        self._loop_ending = False  # the loop is shutting down without stop(): the thread ends (read by it)
+        self._watcher: asyncio.Task[None] | None = None
         self._crash: BaseException | None = None
         self._caller_threads: int | None = None  # the starting thread's torch threads, restored at stop
 
@@ -122,7 +127,34 @@ class StageWorker:
         self._thread = threading.Thread(target=self._thread_main, args=(loop,), name=self.name, daemon=True)
         self._accepting = True
         self._thread.start()
+        track_thread(self._thread)
+        self._watcher = loop.create_task(self._watch_loop(), name=f"{self.name}: ends with its event loop")
         logger.debug("StageWorker %r started", self.name)
+
+    async def _watch_loop(self) -> None:
+        """Wait for the thread to end; if the loop shuts down first, end the thread cleanly.
+
+        ``asyncio.run`` cancels every task when its main coroutine returns. A program that
+        never called :meth:`stop` gets here: the worker refuses new work and the loop keeps
+        running until the thread has finished what it was doing and ended, so that nothing
+        is left behind and nothing is printed at exit.
+        """
+        try:
+            await self._exited.wait()
+        except asyncio.CancelledError:
+            logger.debug("StageWorker %r: event loop shutting down without stop(); ending the thread", self.name)
+            self._loop_ending = True
+            self._accepting = False
+            self._closed = True
+            if not self._stop_requested:
+                self._stop_requested = True
+                self._queue.put_stop()
+            try:
+                await asyncio.wait_for(self._exited.wait(), _LOOP_END_WAIT_S)
+            except asyncio.TimeoutError:  # an item still running: the interpreter's exit joins the thread
+                return
+            if self._thread is not None:
+                self._thread.join()
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
         """Stop the worker: refuse new work, finish queued work, end and join the thread.
@@ -303,7 +335,7 @@ class StageWorker:
         try:
             set_torch_threads(self.torch_threads)
             while True:
-                gathered = wait_for_items(self.name, loop, self._gatherer.next_batch)
+                gathered = wait_for_items(self.name, loop, self._gatherer.next_batch, lambda: self._loop_ending)
                 if gathered is None:
                     break
                 if gathered.items:

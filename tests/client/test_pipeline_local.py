@@ -111,7 +111,7 @@ async def test_bad_arguments_are_clear():
         with pytest.raises(ValueError, match="pad prompts on the left"):
             await pipeline.generate(ids, right_padded, max_new_tokens=2)
         with pytest.raises(ValueError, match="temperature"):
-            await pipeline.generate(ids, mask, do_sample=True, temperature=0.0)
+            await pipeline.generate(ids, mask, max_new_tokens=2, do_sample=True, temperature=0.0)
         with pytest.raises(ValueError, match="no tokenizer"):
             await pipeline.generate_text("hi")
 
