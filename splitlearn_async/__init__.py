@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "RemoteTrunk": "splitlearn_async.client",
     "ClientConfig": "splitlearn_async.client",
     "TrunkSession": "splitlearn_async.client",
+    "TrunkChain": "splitlearn_async.client",
     "SamplingConfig": "splitlearn_async.models.decoding",
     # training
     "SplitTrainer": "splitlearn_async.client",
@@ -80,7 +81,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 (the lazy names, listed once above)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import ClientConfig, LocalTrunk, RemoteTrunk, SplitPipeline, SplitTrainer, StreamChunk, TrunkSession  # noqa: F401
+    from .client import ClientConfig as ClientConfig
+    from .client import LocalTrunk as LocalTrunk
+    from .client import RemoteTrunk as RemoteTrunk
+    from .client import SplitPipeline as SplitPipeline
+    from .client import SplitTrainer as SplitTrainer
+    from .client import StreamChunk as StreamChunk
+    from .client import TrunkChain as TrunkChain
+    from .client import TrunkSession as TrunkSession
     from .errors import *  # noqa: F403
     from .models.bundle import save_stages  # noqa: F401
     from .models.cache import KVCache  # noqa: F401

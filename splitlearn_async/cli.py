@@ -21,12 +21,17 @@ from ._version import __version__
 __all__ = ["build_parser", "main"]
 
 
-def _split_arg(text: str) -> tuple[int, int]:
+def _split_arg(text: str) -> tuple[int, ...]:
     try:
-        a, b = (int(v) for v in text.split(","))
+        points = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--split takes two integers 'a,b' such as 3,27, got {text!r}") from None
-    return a, b
+        points = ()
+    if len(points) < 2:
+        raise argparse.ArgumentTypeError(
+            f"--split takes two integers 'a,b' such as 3,27 (or more, 'a,b,c', to cut the trunk into segments "
+            f"for a chain of servers), got {text!r}"
+        )
+    return points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Copy only DIR/trunk to the server.",
     )
     split.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or 'default'")
-    split.add_argument("--split", required=True, type=_split_arg, metavar="A,B", help="split points, e.g. 3,27")
+    split.add_argument(
+        "--split",
+        required=True,
+        type=_split_arg,
+        metavar="A,B[,C...]",
+        help="split points, e.g. 3,27; more points cut the trunk into segments trunk.0/, trunk.1/, ... (3,15,27)",
+    )
     split.add_argument("--out", required=True, help="bundle directory to write")
     split.add_argument("--dtype", default=None, help="cast weights: float32, float16 or bfloat16")
     split.add_argument(
@@ -148,10 +159,14 @@ def _cmd_split(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     tokenizer = None
     if args.model == "default":
-        from .models.default import default_bundle, load_tokenizer
+        from .models.default import default_bundle, default_gguf_path, load_tokenizer
 
-        source = default_bundle(args.split, progress=True)
-        tokenizer = load_tokenizer(source)
+        if len(args.split) == 2:
+            source = default_bundle(args.split, progress=True)
+            tokenizer = load_tokenizer(source)
+        else:  # a trunk in segments: from the GGUF file itself, the tokenizer from the cached bundle
+            tokenizer = load_tokenizer(default_bundle((args.split[0], args.split[-1]), progress=True))
+            source = default_gguf_path()
     else:
         source = args.model
     started = time.perf_counter()
@@ -160,7 +175,10 @@ def _cmd_split(args: argparse.Namespace) -> int:
     for part, stage in stages.present().items():
         lo, hi = stage.layer_range
         print(f"{part:>6}: layers [{lo}, {hi}) -> {out / part}")
-    print(f"done in {time.perf_counter() - started:.1f}s; copy {out / 'trunk'} to the server.")
+    servers = [p for p in stages.present() if p.startswith("trunk")]
+    print(
+        f"done in {time.perf_counter() - started:.1f}s; copy {', '.join(str(out / p) for p in servers)} to the server(s)."
+    )
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The async client: trunks (local or remote), the generation pipeline and the split trainer."""
+"""The async client: trunks (local, remote, chained), the generation pipeline and the split trainer."""
 
 import typing
 
+from ._chain import TrunkChain
 from ._config import ClientConfig
 from ._pipeline import SplitPipeline, StreamChunk
 from ._protocols import TrainableTrunk, Trunk
@@ -20,11 +21,14 @@ __all__ = [
     "StreamChunk",
     "TrainableTrunk",
     "Trunk",
+    "TrunkChain",
     "TrunkSession",
 ]
 
 if typing.TYPE_CHECKING:
 
-    def _conforms(local: LocalTrunk, remote: RemoteTrunk) -> tuple[TrainableTrunk, TrainableTrunk]:
-        """Never called: mypy checks here that both trunks satisfy the protocols."""
-        return local, remote
+    def _conforms(
+        local: LocalTrunk, remote: RemoteTrunk, chain: TrunkChain
+    ) -> tuple[TrainableTrunk, TrainableTrunk, TrainableTrunk]:
+        """Never called: mypy checks here that the trunks satisfy the protocols."""
+        return local, remote, chain

@@ -8,6 +8,12 @@ in slot ``slots[r, c]``. Slots are taken as tokens arrive and go back to the poo
 cache is released (or dropped), so 2048 sessions of one token hold 2048 slots, as one
 session of 2048 tokens does.
 
+Beam search reorders a cache's rows after each step (:meth:`KVCache.reorder`): row ``i``
+continues the row ``beam_idx[i]``. That is a gather of the slot table; a row chosen twice
+needs a second copy of its keys and values, which goes into the slots of a row that no
+beam continues (there is one such row per extra copy), so the pool neither grows nor
+frees and every slot still belongs to one row.
+
 Attention over a ragged batch is one call per layer (see ``attention.CacheContext``): the
 new keys and values of all rows are written with one ``index_copy_``, and the keys and
 values of all rows are gathered with one ``index_select`` into a ``(N, Hkv, Lmax, D)``
@@ -28,7 +34,7 @@ import weakref
 
 import torch
 
-from splitlearn_async.errors import ConfigError
+from splitlearn_async.errors import ConfigError, StateError
 
 __all__ = ["CacheGroup", "CacheReleased", "KVCache", "KVPool"]
 
@@ -113,6 +119,17 @@ class KVPool:
                 t[0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values())
             )
         return k, self.values[layer]
+
+    def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """(worker) Copy the keys and values of every layer from slots ``source`` to slots ``target`` (both ``(n,)``).
+
+        The two sets must not overlap; the targets' old contents are overwritten.
+        """
+        with self._lock:  # against a concurrent _grow replacing the storage
+            src, dst = source.to(self.device), target.to(self.device)
+            for store in (self.keys, self.values):
+                for t in store.values():
+                    t.index_copy_(0, dst, t.index_select(0, src))
 
     def reclaim(self) -> None:
         """Return released slots to the free list; free the storage once nothing is held.
@@ -244,6 +261,54 @@ class KVCache:
         if not self._released:
             self._released = True
             self._finalizer()
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """(worker) Make row ``i`` hold what row ``beam_idx[i]`` held: beam search's cache reorder.
+
+        ``beam_idx`` ``(batch_size,)`` holds each new row's parent, each in
+        ``[0, batch_size)``; a parent may appear several times (its beam continues with
+        several tokens) and another not at all (its beam ends). The first row taking a
+        parent takes its slots; each further one gets a copy of its keys and values in the
+        slots of a row that no beam continues. So no slot is allocated or freed, and the
+        pool's count of slots used stays the same.
+
+        Raises:
+            CacheReleased: the cache was released.
+            StateError: columns reserved by :meth:`begin` are not yet committed.
+            ConfigError: ``beam_idx`` has another shape, or an index out of range.
+        """
+        if self._released:
+            raise CacheReleased("this KV cache was released (its session was closed); open a new session.")
+        if self._pending:
+            raise StateError("a KV cache cannot be reordered while a forward has reserved columns; commit or abort first.")
+        rows = self.batch_size
+        if tuple(beam_idx.shape) != (rows,) or beam_idx.is_floating_point() or beam_idx.is_complex():
+            raise ConfigError(
+                f"beam_idx must be {rows} integer row indices (one per row of the cache), got a "
+                f"{beam_idx.dtype} tensor of shape {list(beam_idx.shape)}."
+            )
+        parents = beam_idx.to(device="cpu", dtype=torch.long)
+        if bool(((parents < 0) | (parents >= rows)).any()):
+            raise ConfigError(
+                f"beam_idx holds {parents.tolist()}, but every index must lie in [0, {rows}) (the cache's rows)."
+            )
+        n = self.length
+        table = self.slots[:, :n]
+        taken: set[int] = set()
+        copies: list[int] = []  # rows whose parent was already taken by an earlier row
+        for row, parent in enumerate(parents.tolist()):
+            if parent in taken:
+                copies.append(row)
+            taken.add(parent)
+        slots = self.slots.clone()  # a new table, swapped in at the end: a release meanwhile sees one or the other
+        slots[:, :n] = table[parents]
+        if copies and n:
+            spare = [row for row in range(rows) if row not in taken]  # as many as copies
+            target = table[spare]  # (copies, n): slots of rows no beam continues
+            self.pool.copy_slots(slots[copies, :n].reshape(-1), target.reshape(-1))
+            slots[copies, :n] = target
+        self.valid = self.valid[parents.to(self.device)]
+        self._held.slots = slots
 
     def _grow_tables(self, needed: int) -> None:
         cap = max(needed, 2 * self.slots.shape[1], 4)

@@ -8,6 +8,7 @@ stages (:mod:`splitlearn_async.models.stage_classes`), sharing their parameters.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -36,42 +37,47 @@ def get_path(root: nn.Module, path: str) -> Any:
     return obj
 
 
-def check_split_points(split_points: Any, num_layers: int) -> tuple[int, int]:
-    """Validate ``(a, b)`` against a model of ``num_layers`` decoder layers.
+def check_split_points(split_points: Any, num_layers: int) -> tuple[int, ...]:
+    """Validate ``(a, b)``, or ``(a, b, c, ...)`` for a trunk cut into segments, against ``num_layers``.
 
     Raises:
-        SplitPointError: not two integers with ``0 <= a < b <= num_layers``.
+        SplitPointError: not two or more integers with ``0 <= a < b < ... <= num_layers``.
     """
     example = f"({max(1, num_layers // 10)}, {num_layers - max(1, num_layers // 10)})"
     try:
-        a, b = split_points
-    except (TypeError, ValueError):
+        points = tuple(split_points)
+    except TypeError:
+        points = ()
+    if len(points) < 2:
         raise SplitPointError(
-            f"split_points must be a pair (a, b), got {split_points!r}; for this model with "
-            f"{num_layers} layers use e.g. {example}."
-        ) from None
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (a, b)):
-        raise SplitPointError(f"split_points must be two integers, got {split_points!r}; e.g. {example}.")
-    if not 0 <= a < b <= num_layers:
+            f"split_points must be a pair (a, b), or more points to cut the trunk into segments, got "
+            f"{split_points!r}; for this model with {num_layers} layers use e.g. {example}."
+        )
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in points):
+        raise SplitPointError(f"split_points must be integers, got {split_points!r}; e.g. {example}.")
+    if not (points[0] >= 0 and points[-1] <= num_layers and all(x < y for x, y in itertools.pairwise(points))):
         raise SplitPointError(
             f"split_points={split_points!r} is invalid for a model with num_hidden_layers={num_layers}: "
             f"they must satisfy 0 <= a < b <= {num_layers} (bottom = layers [0, a), trunk = [a, b), "
-            f"top = [b, {num_layers})); e.g. {example}."
+            f"top = [b, {num_layers})), each point above the one before; e.g. {example}."
         )
-    return a, b
+    return points
 
 
-def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[str, ...] = PARTS) -> SplitStages:
+def split_model(model: nn.Module, split_points: tuple[int, ...], parts: tuple[str, ...] = PARTS) -> SplitStages:
     """Split a loaded Hugging Face causal LM into bottom, trunk and top stages.
 
     Args:
         model: A ``*ForCausalLM`` of a supported family (see ``supported_model_types()``).
         split_points: ``(a, b)`` with ``0 <= a < b <= num_hidden_layers``: bottom runs
             layers ``[0, a)``, trunk ``[a, b)``, top ``[b, n)`` plus the final norm and head.
-        parts: Which stages to build.
+            More points cut the trunk into segments for a chain of servers: ``(a, b, c)``
+            gives trunk segments ``[a, b)`` and ``[b, c)`` (``SplitStages.trunks``).
+        parts: Which stages to build (``"trunk"`` builds every segment).
 
     Returns:
-        :class:`SplitStages`, which unpacks as ``bottom, trunk, top``. The stages share
+        :class:`SplitStages`, which unpacks as ``bottom, trunk, top`` (``bottom, trunk_0,
+        trunk_1, ..., top`` for a trunk in segments). The stages share
         their parameters with ``model`` (training a stage trains the model) and leave
         ``model`` itself unchanged and usable. Every stage keeps a copy of
         ``model.generation_config`` (its ``generation_config``), so that generation with
@@ -84,7 +90,8 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
     config: Any = model.config  # a transformers PretrainedConfig; its fields depend on the family
     family = family_for(getattr(config, "model_type", "?"))
     n = int(config.num_hidden_layers)
-    a, b = check_split_points(split_points, n)
+    points = check_split_points(split_points, n)
+    a, b = points[0], points[-1]
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ConfigError(f"parts must be drawn from {PARTS}, got {sorted(unknown)}.")
@@ -109,10 +116,10 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
 
     generation_config = copy.deepcopy(getattr(model, "generation_config", None))  # generate's defaults
     all_layers = get_path(model, family.layers)
-    ranges = {"bottom": (0, a), "trunk": (a, b), "top": (b, n)}
+    ranges = {"bottom": [(0, a)], "trunk": list(itertools.pairwise(points)), "top": [(b, n)]}
     built: dict[str, Stage] = {}
-    for part in parts:
-        lo, hi = ranges[part]
+    segments: list[TrunkStage] = []
+    for part, (lo, hi) in [(p, r) for p in parts for r in ranges[p]]:
         layers = {i: copy.deepcopy(all_layers[i], memo) for i in range(lo, hi)}
         modules: dict[str, nn.Module] = {}
         if part == "bottom":
@@ -129,10 +136,13 @@ def split_model(model: nn.Module, split_points: tuple[int, int], parts: tuple[st
         stage.train(model.training)
         stage.generation_config = generation_config
         built[part] = stage
+        if isinstance(stage, TrunkStage):
+            segments.append(stage)
     return SplitStages(
         bottom=_built(built, "bottom", BottomStage),
-        trunk=_built(built, "trunk", TrunkStage),
+        trunk=segments[0] if len(segments) == 1 else None,
         top=_built(built, "top", TopStage),
+        trunks=tuple(segments) if len(segments) > 1 else (),
     )
 
 

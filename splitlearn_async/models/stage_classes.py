@@ -302,21 +302,35 @@ STAGE_CLASSES: dict[str, type[Stage]] = {"bottom": BottomStage, "trunk": TrunkSt
 class SplitStages:
     """The stages of a split model; unpacks as ``bottom, trunk, top``.
 
-    A part that was not asked for is ``None``.
+    A part that was not asked for is ``None``. A trunk cut into segments (more than two
+    split points) has ``trunk=None`` and its segments in ``trunks``; then the stages
+    unpack as ``bottom, trunk_0, trunk_1, ..., top``.
     """
 
     bottom: BottomStage | None
     trunk: TrunkStage | None
     top: TopStage | None
+    trunks: tuple[TrunkStage, ...] = ()
+
+    def _all(self) -> tuple[Stage | None, ...]:
+        middle: tuple[Stage | None, ...] = self.trunks if self.trunks else (self.trunk,)
+        return (self.bottom, *middle, self.top)
 
     def __iter__(self) -> Iterator[Stage | None]:
-        return iter((self.bottom, self.trunk, self.top))
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return 3
+        return len(self._all())
 
     def __getitem__(self, index: int) -> Stage | None:
-        return (self.bottom, self.trunk, self.top)[index]
+        return self._all()[index]
+
+    @property
+    def segments(self) -> tuple[TrunkStage, ...]:
+        """The trunk's segments in order: one (``trunk``) or several (``trunks``); none if absent."""
+        if self.trunks:
+            return self.trunks
+        return (self.trunk,) if self.trunk is not None else ()
 
     @property
     def generation_config(self) -> Any:
@@ -324,16 +338,25 @@ class SplitStages:
         return next((s.generation_config for s in self if s is not None and s.generation_config is not None), None)
 
     def present(self) -> dict[str, Stage]:
-        """The stages that exist, by part name."""
-        return {p: s for p, s in zip(PARTS, self, strict=True) if s is not None}
+        """The stages that exist, by part name (``trunk.0``, ``trunk.1``, ... for a trunk in segments)."""
+        out: dict[str, Stage] = {} if self.bottom is None else {"bottom": self.bottom}
+        if self.trunks:
+            out.update({f"trunk.{i}": s for i, s in enumerate(self.trunks)})
+        elif self.trunk is not None:
+            out["trunk"] = self.trunk
+        if self.top is not None:
+            out["top"] = self.top
+        return out
 
     @property
-    def split_points(self) -> tuple[int, int]:
-        """``(a, b)``: the trunk's layer range, or the bottom's end and the top's start.
+    def split_points(self) -> tuple[int, ...]:
+        """``(a, b)`` (``(a, b, c, ...)`` for a trunk in segments), from the trunk or the client stages.
 
         Raises:
-            ValueError: neither the trunk nor both client stages are present.
+            ConfigError: neither the trunk nor both client stages are present.
         """
+        if self.trunks:
+            return (self.trunks[0].layer_range[0], *(s.layer_range[1] for s in self.trunks))
         if self.trunk is not None:
             return self.trunk.layer_range
         if self.bottom is not None and self.top is not None:

@@ -77,6 +77,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"largest message body either way (default {ServerConfig.max_message_bytes})",
     )
     parser.add_argument(
+        "--allow-full-training",
+        action="store_true",
+        help="let clients train every trunk weight (mode 'full'); off by default: it changes the weights "
+        "every session is served with",
+    )
+    parser.add_argument(
         "--drain-s",
         type=float,
         default=30.0,
@@ -153,6 +159,7 @@ def serve_main(args: argparse.Namespace) -> int:
     config = ServerConfig(
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
+        allow_full_training=args.allow_full_training,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         auth_token=args.token,
