@@ -206,10 +206,11 @@ class ChainTrainingSession(TrainingSession):
         grad = grad_output
         for session, step in zip(reversed(self.sessions), reversed(ids), strict=True):
             grad = await session.backward(step, grad, apply=apply)
+        self.grad_norm_sq = sum(session.grad_norm_sq for session in self.sessions)
         return grad
 
-    async def optimizer_step(self) -> int:
-        steps = [await session.optimizer_step() for session in self.sessions]
+    async def optimizer_step(self, *, scale: float = 1.0) -> int:
+        steps = [await session.optimizer_step(scale=scale) for session in self.sessions]
         return steps[0]
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:

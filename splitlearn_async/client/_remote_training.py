@@ -165,13 +165,15 @@ class RemoteTrainingSession(TrainingSession):
         reply = await self._call(proto.METHOD_BACKWARD, body, f"the backward of step {step_id}")
         try:
             grad_in, _ = proto.parse_backward_result(reply, hidden_size=grad_output.shape[-1])
+            self.grad_norm_sq = proto.parse_backward_norm(reply)
         except WireError as exc:
             raise TrunkError(f"the server's reply to a backward is malformed: {exc}") from exc
         return grad_in.to(grad_output.dtype)  # (B, T, H)
 
-    async def optimizer_step(self) -> int:
+    async def optimizer_step(self, *, scale: float = 1.0) -> int:
         self._check("step the optimizer")
-        body = proto.build_training_call(Kind.STEP, self.training_id)
+        fields = {} if scale == 1.0 else {"scale": float(scale)}
+        body = proto.build_training_call(Kind.STEP, self.training_id, **fields)
         reply = _reply(await self._call(proto.METHOD_OPTIMIZER_STEP, body, "an optimizer step"), "an optimizer step")
         return int(reply.get("optimizer_steps", 0))
 

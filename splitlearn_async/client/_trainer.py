@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -181,12 +182,18 @@ class SplitTrainer:
         session = await self.session()
         apply = (self.micro_steps + 1) % self.config.accumulation_steps == 0
         scale = 1.0 / self.config.accumulation_steps
+        clip = self.config.max_grad_norm is not None
         bottom_graph, hidden, mask, positions, labels = await worker.run(self._bottom_forward, batch)
         try:
             out, step_id = await session.forward(hidden, mask, positions)  # (B, T, H)
             loss, grad_out = await worker.run(self._top_forward_backward, out, mask, positions, labels, scale)
-            grad_in = await session.backward(step_id, grad_out, apply=apply)  # (B, T, H)
-            await worker.run(self._bottom_backward, bottom_graph, grad_in, apply)
+            # with clipping, both sides step only once the global norm is known
+            grad_in = await session.backward(step_id, grad_out, apply=apply and not clip)  # (B, T, H)
+            await worker.run(self._bottom_backward, bottom_graph, grad_in, apply and not clip)
+            if apply and clip:
+                factor = await worker.run(self._clip_factor, session.grad_norm_sq)
+                await session.optimizer_step(scale=factor)
+                await worker.run(self._client_step, factor)
         except BaseException:
             await worker.run(self._discard_client_grads)
             raise
@@ -280,6 +287,29 @@ class SplitTrainer:
         if self._bottom_trains:
             torch.autograd.backward(hidden, grad_in.to(device=hidden.device, dtype=hidden.dtype))  # (B, T, H)
         if apply and self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_factor(self, trunk_norm_sq: float) -> float:
+        """(client worker) ``torch.nn.utils.clip_grad_norm_``'s factor over the client's and the trunk's gradients.
+
+        The global norm is ``sqrt(client norm^2 + trunk norm^2)``; the factor is
+        ``max_grad_norm / (norm + 1e-6)``, at most 1, as torch computes it.
+        """
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.client_parameters if p.grad is not None]
+        client_sq = float(torch.linalg.vector_norm(torch.stack(norms)) ** 2) if norms else 0.0
+        total = math.sqrt(client_sq + trunk_norm_sq)
+        max_norm = float(self.config.max_grad_norm or 0.0)
+        return min(1.0, max_norm / (total + 1e-6))
+
+    def _client_step(self, factor: float) -> None:
+        """(client worker) Scale the client's gradients by the clip ``factor`` and step its optimizer."""
+        if factor != 1.0:
+            with torch.no_grad():
+                for p in self.client_parameters:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+        if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 

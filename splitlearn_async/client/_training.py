@@ -34,12 +34,15 @@ class TrainingSession:
         mode: ``"lora"``, ``"full"`` or ``"frozen"``.
         adapter_id: The trained adapter's name (LoRA only); inference sessions can open with it.
         trainable_parameters: Elements the trunk's optimizer updates.
+        grad_norm_sq: Squared norm of the trunk's accumulated gradients after the last
+            backward, before any optimizer step: the trunk's share of a global-norm clip.
     """
 
     training_id: str = ""
     mode: str = ""
     adapter_id: str | None = None
     trainable_parameters: int = 0
+    grad_norm_sq: float = 0.0
 
     async def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -84,8 +87,9 @@ class TrainingSession:
         """
         raise NotImplementedError
 
-    async def optimizer_step(self) -> int:
-        """Apply the gradients accumulated by ``backward(apply=False)``; returns optimizer steps so far."""
+    async def optimizer_step(self, *, scale: float = 1.0) -> int:
+        """Apply the gradients accumulated by ``backward(apply=False)``, times ``scale`` (a clip's
+        factor, in (0, 1]); returns optimizer steps so far."""
         raise NotImplementedError
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:
@@ -148,11 +152,13 @@ class LocalTrainingSession(TrainingSession):
 
     async def backward(self, step_id: int, grad_output: torch.Tensor, *, apply: bool = True) -> torch.Tensor:
         self._check("run a backward")
-        return await self._host.backward(self.training_id, step_id, grad_output, build=output, apply=apply)
+        grad = await self._host.backward(self.training_id, step_id, grad_output, build=output, apply=apply)
+        self.grad_norm_sq = self._host.grad_norm_sq(self.training_id)
+        return grad
 
-    async def optimizer_step(self) -> int:
+    async def optimizer_step(self, *, scale: float = 1.0) -> int:
         self._check("step the optimizer")
-        return await self._host.optimizer_step(self.training_id)
+        return await self._host.optimizer_step(self.training_id, scale=scale)
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:
         self._check("save the training state")

@@ -59,6 +59,7 @@ __all__ = [
     "build_train_save_result",
     "build_training_call",
     "parse_backward",
+    "parse_backward_norm",
     "parse_backward_result",
     "parse_reply",
     "parse_train_forward",
@@ -151,7 +152,7 @@ _TRAIN_FORWARD_FIELDS = frozenset({"training_id", "keep_graph"})
 _BACKWARD_FIELDS = frozenset({"kind", "training_id", "step_id", "grad_output", "apply"})
 #: The fields of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``) and ``TrainClose`` (``close``).
 _CALL_FIELDS = {
-    Kind.STEP: frozenset({"kind", "training_id"}),
+    Kind.STEP: frozenset({"kind", "training_id", "scale"}),
     Kind.SAVE: frozenset({"kind", "training_id", "optimizer"}),
     Kind.CLOSE: frozenset({"kind", "training_id"}),
 }
@@ -319,12 +320,36 @@ def parse_backward(
 
 
 def build_backward_result(
-    grad_input: torch.Tensor, *, optimizer_steps: int, applied: bool, wire_dtype: torch.dtype | None = None
+    grad_input: torch.Tensor,
+    *,
+    optimizer_steps: int,
+    applied: bool,
+    grad_norm_sq: float = 0.0,
+    wire_dtype: torch.dtype | None = None,
 ) -> bytes:
-    """The reply to ``Backward``: ``grad_input (B, T, H)`` for the client's bottom stage."""
+    """The reply to ``Backward``: ``grad_input (B, T, H)`` for the client's bottom stage.
+
+    ``grad_norm_sq`` is the squared norm of the trunk's accumulated gradients after this
+    backward (before an optimizer step): the trunk's share of a global-norm clip.
+    """
     return _tensor_result(
-        "grad_input", grad_input, wire_dtype, optimizer_steps=int(optimizer_steps), applied=bool(applied)
+        "grad_input",
+        grad_input,
+        wire_dtype,
+        optimizer_steps=int(optimizer_steps),
+        applied=bool(applied),
+        grad_norm_sq=float(grad_norm_sq),
     )
+
+
+def parse_backward_norm(body: bytes | bytearray | memoryview) -> float:
+    """The ``grad_norm_sq`` of a ``Backward`` reply (0.0 from a server that does not report it).
+
+    Raises:
+        WireError: the field is not a number.
+    """
+    value = field(unpack(body), "grad_norm_sq", (int, float), required=False, default=0.0)
+    return float(value)
 
 
 def parse_backward_result(

@@ -180,18 +180,24 @@ class TrainingService:
         s = self.server
         req = proto.parse_backward(await s.decode(body), hidden_size=s.hidden_size, max_elements=s.max_elements)
         dtype = s.reply_dtype_for(req.grad_output)
+        trainer = self.host.entry(req.training_id).trainer
 
         def build(grad_input: torch.Tensor, optimizer_steps: int) -> bytes:  # on the worker
             return proto.build_backward_result(
-                grad_input, optimizer_steps=optimizer_steps, applied=req.apply, wire_dtype=dtype
+                grad_input,
+                optimizer_steps=optimizer_steps,
+                applied=req.apply,
+                grad_norm_sq=trainer.last_grad_norm_sq,
+                wire_dtype=dtype,
             )
 
         return await self.host.backward(req.training_id, req.step_id, req.grad_output, apply=req.apply, build=build)
 
     async def _optimizer_step(self, body: bytes, context: Context) -> bytes:
         """``OptimizerStep``: apply the gradients accumulated by ``Backward`` with ``apply=false``."""
-        training_id, _ = await self._parse_call(body, proto.Kind.STEP, context)
-        return proto.build_optimizer_step_result(await self.host.optimizer_step(training_id))
+        training_id, msg = await self._parse_call(body, proto.Kind.STEP, context)
+        scale = field(msg, "scale", (int, float), required=False, default=1.0)
+        return proto.build_optimizer_step_result(await self.host.optimizer_step(training_id, scale=scale))
 
     async def _train_save(self, body: bytes, context: Context) -> bytes:
         """``TrainSave``: the trained weights (adapter or trunk) and the optimizer state, as safetensors."""

@@ -203,6 +203,11 @@ class TrainingConfig:
         accumulation_steps: Micro-batches per optimizer step (gradient accumulation): the
             loss of each is divided by this number, and both optimizers step on every
             ``accumulation_steps``-th call of ``step``.
+        max_grad_norm: Clip the gradients by their global norm before each optimizer
+            step, as ``torch.nn.utils.clip_grad_norm_`` does on the unsplit model: the norm
+            spans the client's and the trunk's trainable parameters (the trunk reports its
+            squared norm with ``Backward``), and one scale applies to both sides. ``None``
+            does not clip.
 
     Raises:
         ConfigError: a field is out of range.
@@ -216,6 +221,7 @@ class TrainingConfig:
     train_bottom: bool = True
     train_top: bool = True
     accumulation_steps: int = 1
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, OptimizerConfig):
@@ -236,6 +242,8 @@ class TrainingConfig:
             raise ConfigError(
                 f"TrainingConfig.accumulation_steps must be an int >= 1, got {acc!r}; 1 turns accumulation off."
             )
+        if self.max_grad_norm is not None:
+            _number("TrainingConfig", "max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False, fix="e.g. 1.0")
 
     @property
     def effective_trunk_optimizer(self) -> OptimizerConfig:

@@ -68,6 +68,7 @@ class TrunkTrainer:
         self.optimizer = optimizer.build(self.params) if self.params else None
         self.optimizer_steps = 0
         self.micro_steps = 0  # backwards since the last optimizer step
+        self.last_grad_norm_sq = 0.0  # of the accumulated gradients, after the last backward
 
     @property
     def num_trainable(self) -> int:
@@ -186,13 +187,30 @@ class TrunkTrainer:
                     p.grad = grad if p.grad is None else p.grad + grad
         graph.release()
         self.micro_steps += 1
+        self.last_grad_norm_sq = self.grad_norm_sq()  # before a step zeroes them: for clipping across the cut
         if apply:
             self.optimizer_step()
         result: torch.Tensor = grad_in.to(device="cpu", dtype=grad_output.dtype)
         return result  # (B, T, H)
 
-    def optimizer_step(self) -> int:
-        """(worker) Apply the accumulated gradients and zero them; returns optimizer steps so far."""
+    def grad_norm_sq(self) -> float:
+        """(worker) The squared L2 norm of the accumulated gradients of the trainable parameters."""
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]
+        if not norms:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(norms)) ** 2)
+
+    def optimizer_step(self, scale: float = 1.0) -> int:
+        """(worker) Apply the accumulated gradients (times ``scale``) and zero them; returns optimizer steps so far.
+
+        ``scale`` is the clipping factor of a global-norm clip across the cut
+        (``max_grad_norm / total norm``, at most 1).
+        """
+        if scale != 1.0:
+            with torch.no_grad():
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
         if self.optimizer is not None and self.micro_steps:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

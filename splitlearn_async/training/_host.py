@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, PreconditionFailed, SessionNotFound, SplitLearnError, TrunkBusy, TrunkRejected
+from ..errors import ConfigError, PreconditionFailed, SessionNotFound, SplitLearnError, TrunkRejected
 from ._adapters import AdapterRegistry, check_lora_cost, create_adapter
 from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, check_adapter_id
 from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
@@ -32,7 +32,7 @@ from ._lora import LoraAdapter, lora_config_from_metadata
 from ._pending import PendingSteps
 from ._safetensors import from_safetensors, safetensors_metadata
 from ._state import TrunkState
-from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy
+from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy, check_can_open
 from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work
 
 __all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
@@ -133,26 +133,7 @@ class TrainingHost:
         return entry
 
     def _check_can_open(self, mode: str, adapter_id: str | None) -> None:
-        if mode == "full" and not self.limits.allow_full_training:
-            raise PreconditionFailed(
-                "this server does not allow full-trunk training (it would change the weights every session "
-                "is served with); train LoRA adapters instead, or start the server with allow_full_training=True."
-            )
-        if len(self.sessions) >= self.limits.max_training_sessions:
-            raise TrunkBusy(
-                f"{len(self.sessions)} training sessions are open (max_training_sessions="
-                f"{self.limits.max_training_sessions}); close one or try again later."
-            )
-        full_open = any(e.mode == "full" for e in self.sessions.values())
-        if full_open or (mode == "full" and self.sessions):
-            raise PreconditionFailed(
-                "a full-trunk training session cannot run beside other training sessions (its optimizer "
-                "changes the weights their kept graphs hold); close the other sessions first."
-            )
-        if adapter_id is not None and self._trained_by(adapter_id):
-            raise PreconditionFailed(
-                f"adapter {adapter_id!r} is being trained by another training session; close it first."
-            )
+        check_can_open(self.limits, list(self.sessions.values()), mode, adapter_id)
 
     async def _adapter_for(
         self, mode: str, adapter_id: str | None, lora: LoraConfig, weights: bytes | None
@@ -299,19 +280,33 @@ class TrainingHost:
                 graph.release()
             raise
 
-    async def optimizer_step(self, training_id: str) -> int:
-        """Apply the gradients accumulated by ``backward(apply=False)``; returns optimizer steps so far.
+    async def optimizer_step(self, training_id: str, *, scale: float = 1.0) -> int:
+        """Apply the gradients accumulated by ``backward(apply=False)``, times ``scale``; returns optimizer steps.
+
+        ``scale`` is a global-norm clip's factor across the cut (``max_grad_norm / total``, at
+        most 1); the total includes :meth:`grad_norm_sq`, which ``Backward`` reports.
 
         Raises:
             SessionNotFound: the session is unknown.
             PreconditionFailed: steps of the session still wait for their backward.
+            TrunkRejected: ``scale`` is not in (0, 1].
         """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise TrunkRejected(f"an optimizer step's scale must be a number in (0, 1], got {scale!r}.")
         entry = self.entry(training_id)
         waiting = len(self.pending.of_owner(training_id))
         if waiting:
             raise PreconditionFailed(apply_blocked(waiting, ""))
         with busy(entry, self._clock):
-            return await self._call(entry.trainer.optimizer_step)
+            return await self._call(entry.trainer.optimizer_step, float(scale))
+
+    def grad_norm_sq(self, training_id: str) -> float:
+        """The squared norm of the session's accumulated gradients after its last backward.
+
+        Raises:
+            SessionNotFound: the session is unknown.
+        """
+        return self.entry(training_id).trainer.last_grad_norm_sq
 
     async def save(self, training_id: str, *, optimizer: bool = True) -> TrunkState:
         """The session's trained weights (and optimizer state) as safetensors bytes.

@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from ..errors import PreconditionFailed, TrunkBusy
 from ._engine import TrunkTrainer
 
-__all__ = ["Runner", "TrainingEntry", "TrainingLimits", "apply_blocked", "busy"]
+__all__ = ["Runner", "TrainingEntry", "TrainingLimits", "apply_blocked", "busy", "check_can_open"]
 
 T = TypeVar("T")
 
@@ -93,3 +94,32 @@ def apply_blocked(count: int, other: str) -> str:
         f"the optimizer cannot step while {count} {other}step(s) of this training session wait for their "
         "backward (their graphs hold the current weights); run their backward with apply=False first."
     )
+
+
+def check_can_open(limits: TrainingLimits, sessions: list[TrainingEntry], mode: str, adapter_id: str | None) -> None:
+    """Whether a session of ``mode`` (training ``adapter_id``) may open beside ``sessions``.
+
+    Raises:
+        PreconditionFailed: full training is not allowed, or would run beside other sessions
+            (or they beside it), or another session trains the adapter.
+        TrunkBusy: ``max_training_sessions`` are open.
+    """
+    if mode == "full" and not limits.allow_full_training:
+        raise PreconditionFailed(
+            "this server does not allow full-trunk training (it would change the weights every session "
+            "is served with); train LoRA adapters instead, or start the server with allow_full_training=True."
+        )
+    if len(sessions) >= limits.max_training_sessions:
+        raise TrunkBusy(
+            f"{len(sessions)} training sessions are open (max_training_sessions="
+            f"{limits.max_training_sessions}); close one or try again later."
+        )
+    if any(e.mode == "full" for e in sessions) or (mode == "full" and sessions):
+        raise PreconditionFailed(
+            "a full-trunk training session cannot run beside other training sessions (its optimizer "
+            "changes the weights their kept graphs hold); close the other sessions first."
+        )
+    if adapter_id is not None and any(e.adapter_id == adapter_id for e in sessions):
+        raise PreconditionFailed(
+            f"adapter {adapter_id!r} is being trained by another training session; close it first."
+        )

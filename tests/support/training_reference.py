@@ -51,8 +51,11 @@ class Reference:
     model: torch.nn.Module  # after the step
 
 
-def unsplit_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: OptimizerConfig) -> Reference:
-    """One optimizer step of the whole model on ``batch`` (modifies ``model``)."""
+def unsplit_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: OptimizerConfig, max_grad_norm: float | None = None
+) -> Reference:
+    """One optimizer step of the whole model on ``batch`` (modifies ``model``), clipped by
+    ``torch.nn.utils.clip_grad_norm_`` when ``max_grad_norm`` is given."""
     grads = record_grads(model.named_parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = opt.build(params)
@@ -61,6 +64,8 @@ def unsplit_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: Op
     ).logits
     loss = causal_lm_loss(logits, batch["labels"])
     loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return Reference(float(loss.detach()), grads, model)
 
