@@ -6,11 +6,15 @@ its own ``CollectorRegistry``, so several servers in one process (tests) do not 
 
 from __future__ import annotations
 
+import html
 import logging
+import threading
 from collections.abc import Callable
-from typing import Any
+from socketserver import ThreadingMixIn
+from typing import Any, ClassVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["NullMetrics", "ServerMetrics"]
+__all__ = ["NullMetrics", "ServerMetrics", "serve_http", "status_page"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +38,45 @@ class NullMetrics:
 
 
 class ServerMetrics(NullMetrics):
-    """Prometheus gauges and histograms, served over HTTP on ``port``.
+    """Prometheus gauges and histograms, and a status page, served over HTTP on ``port``.
 
-    Metrics: ``splitlearn_trunk_sessions_open`` (gauge), ``splitlearn_trunk_queue_depth``
-    (gauge), ``splitlearn_trunk_batch_size`` (histogram of rows per trunk call, all sessions
-    of a batched call together) and
-    ``splitlearn_trunk_step_latency_seconds`` (histogram, queueing included).
+    ``/metrics`` is Prometheus text; ``/`` (or ``/status``) is a small HTML page of the same
+    figures that refreshes itself every two seconds.
+
+    Metrics: ``splitlearn_trunk_sessions_open``, ``splitlearn_trunk_queue_depth``,
+    ``splitlearn_trunk_cache_bytes``, ``splitlearn_trunk_training_sessions`` and
+    ``splitlearn_trunk_pending_steps`` (gauges, read at scrape time);
+    ``splitlearn_trunk_batch_size`` (histogram of rows per trunk call, all sessions of a
+    batched call together) and ``splitlearn_trunk_step_latency_seconds`` (histogram,
+    queueing included). ``deploy/grafana/splitlearn-trunk.json`` is a dashboard of them.
 
     Args:
         host: Address to bind the HTTP endpoint to.
         port: Port to bind; 0 picks a free one (see :attr:`port`).
-        sessions_open: Called at scrape time for the gauge.
-        queue_depth: Called at scrape time for the gauge.
+        gauges: For each gauge above, by its short name (``sessions_open``, ``queue_depth``,
+            ``cache_bytes``, ``training_sessions``, ``pending_steps``), a function called at
+            scrape time.
 
     Raises:
         OSError: the port cannot be bound.
     """
 
-    def __init__(
-        self, host: str, port: int, sessions_open: Callable[[], float], queue_depth: Callable[[], float]
-    ) -> None:
+    GAUGES: ClassVar[dict[str, str]] = {
+        "sessions_open": "Sessions open.",
+        "queue_depth": "Items waiting for the worker.",
+        "cache_bytes": "Bytes held by the open sessions' KV caches.",
+        "training_sessions": "Training sessions open.",
+        "pending_steps": "Training forwards waiting for their backward.",
+    }
+
+    def __init__(self, host: str, port: int, gauges: dict[str, Callable[[], float]]) -> None:
         import prometheus_client as prom
 
         self.registry = prom.CollectorRegistry()
-        sessions = prom.Gauge("splitlearn_trunk_sessions_open", "Sessions open.", registry=self.registry)
-        sessions.set_function(sessions_open)
-        depth = prom.Gauge("splitlearn_trunk_queue_depth", "Items waiting for the worker.", registry=self.registry)
-        depth.set_function(queue_depth)
+        self._gauges = gauges
+        for name, text in self.GAUGES.items():
+            gauge = prom.Gauge(f"splitlearn_trunk_{name}", text, registry=self.registry)
+            gauge.set_function(gauges.get(name, lambda: 0.0))
         self._batch = prom.Histogram(
             "splitlearn_trunk_batch_size",
             "Rows per trunk call.",
@@ -72,10 +88,20 @@ class ServerMetrics(NullMetrics):
             "Seconds per trunk call, queueing included.",
             registry=self.registry,
         )
-        self._httpd: Any
-        self._httpd, self._thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        self._httpd, self._thread = serve_http(host, port, self._app(prom.make_wsgi_app(self.registry)))
         self.port = int(self._httpd.server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        logger.info("metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
+
+    def _app(self, metrics_app: Any) -> Any:
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            if environ.get("PATH_INFO", "/") in ("/", "/status"):
+                body = status_page(self.registry).encode()
+                start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+                return [body]
+            result: list[bytes] = metrics_app(environ, start_response)
+            return result
+
+        return app
 
     def observe_step(self, rows: int, seconds: float) -> None:
         """Record one unbatched trunk call of ``rows`` rows that took ``seconds``."""
@@ -95,3 +121,60 @@ class ServerMetrics(NullMetrics):
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no access log
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve_http(host: str, port: int, app: Any) -> tuple[WSGIServer, threading.Thread]:
+    """Serve the WSGI ``app`` on ``host:port`` from a daemon thread, as ``prometheus_client`` does."""
+    httpd = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="splitlearn-metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread
+
+
+def status_page(registry: Any) -> str:
+    """The HTML status page: the gauges, and the batch-size histogram as a table; refreshes every 2 s."""
+    gauges: list[tuple[str, float]] = []
+    buckets: list[tuple[str, float]] = []
+    latency_sum = latency_count = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            name = sample.name.removeprefix("splitlearn_trunk_")
+            if family.type == "gauge":
+                gauges.append((name, sample.value))
+            elif sample.name == "splitlearn_trunk_batch_size_bucket":
+                buckets.append((sample.labels["le"], sample.value))
+            elif sample.name == "splitlearn_trunk_step_latency_seconds_sum":
+                latency_sum = sample.value
+            elif sample.name == "splitlearn_trunk_step_latency_seconds_count":
+                latency_count = sample.value
+    rows = "".join(f"<tr><th>{html.escape(n.replace('_', ' '))}</th><td id='{n}'>{v:g}</td></tr>" for n, v in gauges)
+    mean_ms = 1000 * latency_sum / latency_count if latency_count else 0.0
+    rows += f"<tr><th>mean step latency</th><td id='step_latency_ms'>{mean_ms:.1f} ms over {latency_count:g} steps</td></tr>"
+    previous, bars = 0.0, ""
+    peak = max((v for _, v in buckets), default=0.0) or 1.0
+    for le, cumulative in buckets:
+        count, previous = cumulative - previous, cumulative
+        width = int(200 * count / peak)
+        bars += (
+            f"<tr><th>&le; {html.escape(le)}</th><td>{count:g}</td><td><div style='width:{width}px'></div></td></tr>"
+        )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>splitlearn trunk server</title>
+<style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:1em}}
+td div{{background:#4a7;height:0.8em}}</style></head>
+<body><h1>splitlearn trunk server</h1>
+<table id="gauges">{rows}</table>
+<h2>Rows per trunk call</h2><table id="batch_size">{bars}</table>
+<p><a href="/metrics">/metrics</a> (Prometheus text). This page refreshes every 2 s.</p>
+</body></html>
+"""

@@ -171,8 +171,13 @@ class AsyncGRPCComputeServer:
             self.context.metrics = ServerMetrics(
                 self.host,
                 self.config.metrics_port,
-                sessions_open=lambda: self.store.sessions_open,
-                queue_depth=lambda: self.worker.queue_depth,
+                {
+                    "sessions_open": lambda: self.store.sessions_open,
+                    "queue_depth": lambda: self.worker.queue_depth,
+                    "cache_bytes": lambda: self.store.cache_bytes,
+                    "training_sessions": lambda: len(self.training.host.sessions),
+                    "pending_steps": lambda: self.training.pending_steps,
+                },
             )
         await self.worker.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="splitlearn-session-sweeper")
