@@ -155,10 +155,15 @@ class ChainSession(TrunkSession):
         self.sessions = sessions
 
     async def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        beam_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        for session in self.sessions:
-            hidden = await session.forward(hidden, attention_mask, position_ids)
+        for session in self.sessions:  # each hop reorders its own cache for beam search
+            hidden = await session.forward(hidden, attention_mask, position_ids, beam_idx=beam_idx)
         return hidden
 
     async def aclose(self) -> None:

@@ -7,8 +7,8 @@ A :class:`GenerationCall` takes the call's keywords apart: the options of the ca
 exactly as ``model.generate`` does. It owns the call's random draws
 (:class:`~splitlearn_async.models.decoding.RandomDraws`, made when the call is made),
 feeds the streamer as ``generate`` feeds it (the prompt, then each step's tokens, then
-``end()``), and builds the return value (token ids, or ``GenerateDecoderOnlyOutput``
-with ``return_dict_in_generate=True``).
+``end()``), and builds the return value (token ids, or ``GenerateDecoderOnlyOutput`` --
+``GenerateBeamDecoderOnlyOutput`` for beam search -- with ``return_dict_in_generate=True``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from ..errors import ConfigError
-from ..models.decoding import DecodeState, RandomDraws
+from ..errors import ConfigError, StateError
+from ..models.beams import BeamDecodeState
+from ..models.decoding import Decoding, RandomDraws, new_decode_state
 from ..models.generation import ResolvedGeneration, resolve_generation
 from ..models.stages import TopStage
 
@@ -37,12 +38,13 @@ class GenerationCall:
             are ``GenerationConfig`` fields).
         tokenizer: The pipeline's tokenizer, used for ``stop_strings`` unless the call
             gives its own.
+        streaming: The call hands out each step's tokens (``SplitPipeline.stream``).
 
     Raises:
         ConfigError: ``seed`` is not an integer, or ``streamer`` lacks ``put``/``end``.
     """
 
-    def __init__(self, kwargs: dict[str, Any], tokenizer: Any = None) -> None:
+    def __init__(self, kwargs: dict[str, Any], tokenizer: Any = None, *, streaming: bool = False) -> None:
         options = {name: kwargs.pop(name) for name in CALL_OPTIONS if name in kwargs}
         seed = options.pop("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -60,7 +62,8 @@ class GenerationCall:
         self.streamer = streamer
         self.options = options
         self.settings = kwargs
-        self.state: DecodeState | None = None
+        self.streaming = streaming
+        self.state: Decoding | None = None
         self.draws = RandomDraws(seed)  # last: nothing above may fail once the global generator is forked
 
     def resolve(
@@ -82,9 +85,21 @@ class GenerationCall:
             **self.settings,
         )
 
-    def begin(self, generation: ResolvedGeneration) -> DecodeState:
-        """Make the decode state and hand the prompt to the streamer (as ``generate``: all rows)."""
-        self.state = DecodeState(generation, self.draws.generator)
+    def begin(self, generation: ResolvedGeneration) -> Decoding:
+        """Make the decode state and hand the prompt to the streamer (as ``generate``: all rows).
+
+        Raises:
+            ConfigError: beam search with a streamer, or in ``stream()``: its sequences are
+                known only at the end (``generate`` refuses a streamer with beams too).
+        """
+        if generation.num_beams > 1 and (self.streamer is not None or self.streaming):
+            what = "a streamer" if self.streamer is not None else "SplitPipeline.stream()"
+            raise ConfigError(
+                f"{what} cannot be used with beam search (num_beams={generation.num_beams}), as in "
+                "model.generate: the beams' sequences are known only at the end. Use generate() without a streamer, "
+                "or num_beams=1."
+            )
+        self.state = new_decode_state(generation, self.draws.generator)
         if self.streamer is not None:
             self.streamer.put(self.state.sequences.cpu())
         return self.state
@@ -109,16 +124,24 @@ class GenerationCall:
         """What ``generate`` returns: ``(B * num_return_sequences, T + new)`` token ids on
         ``device``, or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput``
         with ``sequences`` and, when asked for, ``scores`` and ``logits`` (one ``(B, V)``
-        float32 tensor per step, on the CPU)."""
+        float32 tensor per step, on the CPU). Beam search returns its best hypotheses, and
+        a ``GenerateBeamDecoderOnlyOutput`` adds ``beam_indices`` and, with
+        ``output_scores``, ``sequences_scores``, as ``generate`` does."""
         state = self.state
         if state is None:  # pragma: no cover (output() follows a finished run)
-            raise RuntimeError("output() was called before the generation ran.")
-        sequences = state.sequences.to(device)
-        if not state.generation.config.return_dict_in_generate:
+            raise StateError("output() was called before the generation ran.")
+        beams = state.result() if isinstance(state, BeamDecodeState) else None
+        sequences = (beams[0] if beams is not None else state.sequences).to(device)
+        config = state.generation.config
+        if not config.return_dict_in_generate:
             return sequences
         fields: dict[str, Any] = {  # transformers annotates them as LongTensor and one-element tuples
             "sequences": sequences,
             "scores": tuple(state.scores) if state.scores is not None else None,
             "logits": tuple(state.logits) if state.logits is not None else None,
         }
-        return GenerateDecoderOnlyOutput(**fields)
+        if beams is None:
+            return GenerateDecoderOnlyOutput(**fields)
+        fields["sequences_scores"] = beams[1] if config.output_scores else None
+        fields["beam_indices"] = beams[2]
+        return GenerateBeamDecoderOnlyOutput(**fields)

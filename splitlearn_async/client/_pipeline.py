@@ -23,7 +23,7 @@ from transformers.generation.configuration_utils import GenerationConfig
 
 from ..errors import ClientClosed, ConfigError, TrunkTimeout
 from ..models.cache import KVCache
-from ..models.decoding import DecodeState
+from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage
 from ..worker import StageWorker
 from ._generation import GenerationCall
@@ -160,9 +160,11 @@ class SplitPipeline:
 
         Takes the arguments of :meth:`generate` (``timeout_s`` aside: stop iterating to
         stop). Leaving the iteration early (or cancelling the task) closes the trunk
-        session.
+        session. Beam search is refused with :class:`ConfigError` (its sequences are
+        known only at the end, and ``generate`` refuses a streamer with beams too).
         """
-        call = GenerationCall(kwargs, self.tokenizer)  # forks the global generator now, as generate draws from it
+        # forks the global generator now, as generate draws from it
+        call = GenerationCall(kwargs, self.tokenizer, streaming=True)
         try:
             steps = self._steps(call, input_ids, attention_mask, generation_config)
             async with contextlib.aclosing(steps):
@@ -182,7 +184,8 @@ class SplitPipeline:
         worker = await self._ensure_worker()
         generation = await worker.run(call.resolve, self.top, input_ids, attention_mask, generation_config)
         state = call.begin(generation)
-        decoder = TextDecoder(self.tokenizer, state.batch_size) if self.tokenizer is not None else None
+        streams_text = self.tokenizer is not None and call.streaming  # generate() has no use for the text
+        decoder = TextDecoder(self.tokenizer, state.batch_size) if streams_text else None
         await self._check_trunk()
         session = await self.trunk.open_session(adapter_id=self.adapter_id or None)
         caches = (self.bottom.new_cache(state.batch_size), self.top.new_cache(state.batch_size))
@@ -202,7 +205,7 @@ class SplitPipeline:
         self,
         worker: StageWorker,
         session: TrunkSession,
-        state: DecodeState,
+        state: Decoding,
         caches: tuple[KVCache, KVCache],
         decoder: TextDecoder | None,
     ) -> AsyncGenerator[StreamChunk, None]:
@@ -212,7 +215,9 @@ class SplitPipeline:
         item that runs the top, picks the next tokens and runs the bottom on them. Every
         stream of the pipeline is at that same point when it reaches the worker, so the
         steps of all streams gather into one batch (a top and a bottom item apart would
-        batch as two half-batches that never meet again).
+        batch as two half-batches that never meet again). In beam search, that item
+        reorders the bottom's and the top's caches by the state's ``beam_idx``, and the
+        next trunk step carries it, so the trunk reorders its cache before that step.
         """
         ids, mask, pos = state.prompt_inputs()  # (B, T) each
         hidden = await worker.run_batched(
@@ -222,7 +227,8 @@ class SplitPipeline:
         while True:
             self._stepping += 1
             try:
-                hidden = await session.forward(hidden, mask[:, -ids.shape[1] :], pos)  # (B, T, H)
+                reorder = {} if state.beam_idx is None else {"beam_idx": state.beam_idx}  # (B * K,)
+                hidden = await session.forward(hidden, mask[:, -ids.shape[1] :], pos, **reorder)  # (B, T, H)
                 result = await worker.run_batched(
                     (*key, batch_length(hidden.shape[1])),
                     (hidden, mask, pos, caches[1], state, caches[0]),
@@ -262,6 +268,9 @@ class SplitPipeline:
         ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
         ``suppress_tokens``, ``stop_strings``, ``num_return_sequences``,
         ``return_dict_in_generate`` with ``output_scores``/``output_logits``, ...
+        Beam search too: ``num_beams`` > 1 with ``length_penalty``, ``early_stopping``
+        and ``num_return_sequences``, ``do_sample=True`` for beam sampling (every stage's
+        KV cache, the trunk's on the server included, is reordered after each step).
 
         Args:
             input_ids: ``(B, T)`` prompts, left-padded.
@@ -286,13 +295,15 @@ class SplitPipeline:
         Returns:
             ``(B * num_return_sequences, T + new)`` token ids on ``input_ids``'s device,
             or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput``
-            (``sequences``; ``scores`` and ``logits`` when asked for, on the CPU).
+            (``sequences``; ``scores`` and ``logits`` when asked for, on the CPU); for
+            beam search a ``GenerateBeamDecoderOnlyOutput``, which adds ``beam_indices``
+            and, with ``output_scores``, ``sequences_scores``.
 
         Raises:
-            ConfigError: an option a split model cannot run yet (``num_beams`` > 1,
-                assisted or contrastive decoding, ``output_attentions``, ...), or an
-                unknown keyword; the message names it and the fix. Also the trunk's
-                layers or model do not fit the bottom and top.
+            ConfigError: an option a split model cannot run yet (assisted, contrastive or
+                constrained decoding, ``output_attentions``, a streamer with beam search,
+                ...), or an unknown keyword; the message names it and the fix. Also the
+                trunk's layers or model do not fit the bottom and top.
             ValueError: bad prompts (shape, right padding) or settings transformers
                 refuses (its own message).
             TrunkTimeout: ``timeout_s`` passed (or one trunk call its ``step_timeout_s``).

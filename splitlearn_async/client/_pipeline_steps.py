@@ -3,7 +3,9 @@
 Every stream of a pipeline reaches the worker at the same point of its step, so the
 steps of all streams gather into one batch: :func:`bottom_steps` runs the prompts'
 bottom, :func:`top_bottom_steps` one decode step (top, next tokens, bottom). Each stream
-keeps its own KV caches; a failure of one stream fails that stream only.
+keeps its own KV caches; a failure of one stream fails that stream only. In beam search,
+a stream's bottom and top caches are reordered by its new ``beam_idx`` between its
+choice and the bottom.
 :class:`TextDecoder` turns the tokens into text on the event loop.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from ..models.cache import KVCache
-from ..models.decoding import DecodeState
+from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage, run_stage_batched
 
 __all__ = ["BottomCall", "StepCall", "StepResult", "TextDecoder", "batch_length", "bottom_steps", "top_bottom_steps"]
@@ -32,7 +34,7 @@ def batch_length(tokens: int) -> int | str:
 #: A bottom step of one stream: ``(ids (B_i, T), mask (B_i, T_all), positions (B_i, T), bottom cache)``.
 BottomCall = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]
 #: A decode step of one stream: ``(hidden (B_i, T, H), mask, positions, top cache, state, bottom cache)``.
-StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, DecodeState, KVCache]
+StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, Decoding, KVCache]
 #: Its outcome: ``(ids (B_i, 1), mask, positions, hidden (B_i, 1, H) or None when the stream is done)``.
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -58,9 +60,12 @@ def top_bottom_steps(top: TopStage, bottom: BottomStage, calls: list[StepCall]) 
     results: list[StepResult | Exception] = []
     waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (stream, its next ids, mask, positions)
     bottom_calls: list[BottomCall] = []
-    for k, ((_, _, _, _, state, bottom_cache), rows) in enumerate(zip(calls, logits, strict=True)):
+    for k, ((_, _, _, top_cache, state, bottom_cache), rows) in enumerate(zip(calls, logits, strict=True)):
         try:
             ids, mask, pos = state.advance(rows[:, -1])
+            if state.beam_idx is not None and not state.done:  # each row continues its parent beam
+                top_cache.reorder(state.beam_idx)
+                bottom_cache.reorder(state.beam_idx)
         except Exception as exc:
             results.append(exc)
             continue
@@ -97,7 +102,7 @@ class TextDecoder:
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.shown = [""] * batch
 
-    def feed(self, tokens: torch.Tensor, state: DecodeState) -> list[str]:
+    def feed(self, tokens: torch.Tensor, state: Decoding) -> list[str]:
         """Each row's new text after its token in ``tokens (B,)``: ``""`` once the row has
         finished, or while a multi-byte character is incomplete."""
         pieces = []

@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from .. import protocol as proto
-from ..errors import ClientClosed, TrunkError, TrunkTimeout, TrunkUnavailable, WireError
+from ..errors import ClientClosed, ConfigError, TrunkError, TrunkTimeout, TrunkUnavailable, WireError
 from ._connection import Connection, SessionCall, StreamBroken, parse_trunk_result
 from ._errors import is_retryable, status_error
 from ._trunk import TrunkSession
@@ -74,7 +74,12 @@ class RemoteTrunkSession(TrunkSession):
         return self._steps
 
     async def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        beam_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Send the next tokens' hidden states and return the trunk's output.
 
@@ -82,11 +87,15 @@ class RemoteTrunkSession(TrunkSession):
             hidden: ``(B, T, H)`` bottom output of the new tokens (the prompt first, then steps).
             attention_mask: ``(B, T)`` validity of the new tokens.
             position_ids: ``(B, T)`` their positions.
+            beam_idx: ``(B,)`` parent rows (beam search): the server reorders the session's
+                cache by them before this step. It travels in the ``step`` message, which the
+                session keeps for replay, so a replayed stream rebuilds the same cache.
 
         Returns:
             ``(B, T, H)`` trunk output, in ``hidden``'s dtype.
 
         Raises:
+            ConfigError: ``beam_idx`` comes with the prompt (there is no cache to reorder yet).
             ClientClosed: the session or its client has been closed.
             TrunkTimeout: no answer within ``step_timeout_s``.
             TrunkUnavailable: the server stayed unreachable for ``retry_deadline_s``.
@@ -97,6 +106,10 @@ class RemoteTrunkSession(TrunkSession):
         connection = self._connection
         connection.check_open("run a step")
         if self._steps == 0:
+            if beam_idx is not None:
+                raise ConfigError(
+                    "beam_idx reorders the trunk's cache, so the prompt (the first forward) cannot carry it."
+                )
             body = proto.build_open(
                 hidden,
                 attention_mask,
@@ -107,7 +120,9 @@ class RemoteTrunkSession(TrunkSession):
             )
             what = f"the prompt of trunk session {self.session_id}"
         else:
-            body = proto.build_step(hidden, attention_mask, position_ids, wire_dtype=connection.wire_dtype)
+            body = proto.build_step(
+                hidden, attention_mask, position_ids, wire_dtype=connection.wire_dtype, beam_idx=beam_idx
+            )
             what = f"step {self._steps} of trunk session {self.session_id}"
         reply = await connection.retrying(lambda: self._attempt(body, what), what)
         result = parse_trunk_result(reply, what)

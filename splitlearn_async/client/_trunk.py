@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ClientClosed, SessionNotFound
+from ..errors import ClientClosed, ConfigError, SessionNotFound
 from ..models.positions import prompt_positions
 from ..models.stages import run_stage
 from ..training import LoraConfig, OptimizerConfig, TrainingHost, TrainingLimits, bind_adapter
@@ -37,9 +37,18 @@ class TrunkSession:
     """
 
     async def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        beam_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the trunk on ``hidden (B, T, H)`` with the new tokens' mask and positions ``(B, T)``."""
+        """Run the trunk on ``hidden (B, T, H)`` with the new tokens' mask and positions ``(B, T)``.
+
+        ``beam_idx`` ``(B,)`` (beam search, steps after the prompt): first reorder the
+        trunk's cache so that row ``i`` continues row ``beam_idx[i]``.
+        """
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -241,7 +250,12 @@ class LocalTrunk:
         await self.aclose()
 
 
-def _run_trunk(trunk: Any, hidden: torch.Tensor, mask: Any, positions: Any, cache: Any) -> torch.Tensor:
+def _run_trunk(
+    trunk: Any, hidden: torch.Tensor, mask: Any, positions: Any, cache: Any, beam_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(worker) The trunk on ``hidden (B, T, H)``, after reordering ``cache`` by ``beam_idx`` if given."""
+    if beam_idx is not None:
+        cache.reorder(beam_idx)
     return run_stage(trunk, hidden, mask, positions, cache).to(hidden.dtype)  # reply in the caller's dtype
 
 
@@ -260,15 +274,32 @@ class LocalTrunkSession(TrunkSession):
         return self._cache
 
     async def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        beam_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """As :meth:`TrunkSession.forward`; the reorder runs in the step's worker item, just before it.
+
+        Raises:
+            SessionNotFound: the session was closed.
+            ConfigError: ``beam_idx`` comes with the prompt (there is no cache to reorder yet),
+                or does not fit the cache (shape, range).
+        """
         if self._closed:
             raise SessionNotFound("Cannot run a step on this trunk session, as it has been closed.")
         if self._cache is None:
+            if beam_idx is not None:
+                raise ConfigError(
+                    "beam_idx reorders the trunk's cache, so the prompt (the first forward) cannot carry it."
+                )
             self._cache = self._owner.trunk.new_cache(hidden.shape[0])
             if self._adapter is not None:
                 bind_adapter(self._cache, self._adapter)
-        return await self._worker.run(_run_trunk, self._owner.trunk, hidden, attention_mask, position_ids, self._cache)
+        trunk = self._owner.trunk
+        return await self._worker.run(_run_trunk, trunk, hidden, attention_mask, position_ids, self._cache, beam_idx)
 
     async def aclose(self) -> None:
         if not self._closed:

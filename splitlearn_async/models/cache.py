@@ -265,12 +265,9 @@ class KVCache:
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """(worker) Make row ``i`` hold what row ``beam_idx[i]`` held: beam search's cache reorder.
 
-        ``beam_idx`` ``(batch_size,)`` holds each new row's parent, each in
-        ``[0, batch_size)``; a parent may appear several times (its beam continues with
-        several tokens) and another not at all (its beam ends). The first row taking a
-        parent takes its slots; each further one gets a copy of its keys and values in the
-        slots of a row that no beam continues. So no slot is allocated or freed, and the
-        pool's count of slots used stays the same.
+        ``beam_idx`` ``(batch_size,)``: each row's parent, in ``[0, batch_size)``, repeated
+        or left out as beams continue or end. The first row of a parent takes its slots,
+        the others copies in the slots of left-out rows: nothing is allocated or freed.
 
         Raises:
             CacheReleased: the cache was released.
@@ -280,7 +277,9 @@ class KVCache:
         if self._released:
             raise CacheReleased("this KV cache was released (its session was closed); open a new session.")
         if self._pending:
-            raise StateError("a KV cache cannot be reordered while a forward has reserved columns; commit or abort first.")
+            raise StateError(
+                "a KV cache cannot be reordered while a forward has reserved columns; commit or abort first."
+            )
         rows = self.batch_size
         if tuple(beam_idx.shape) != (rows,) or beam_idx.is_floating_point() or beam_idx.is_complex():
             raise ConfigError(

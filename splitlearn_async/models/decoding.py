@@ -11,6 +11,9 @@ so the in-process loop (:func:`stream_local`) and the async
 
 :class:`RandomDraws` is where a call's samples come from: its own seeded generator, or a
 fork of torch's global generator that leaves the global one as ``generate`` would.
+
+Beam search (``num_beams > 1``) has its own state, :class:`~.beams.BeamDecodeState`;
+:func:`new_decode_state` makes the one a call's settings ask for.
 """
 
 from __future__ import annotations
@@ -21,10 +24,20 @@ from typing import Any, cast
 
 import torch
 
+from ..errors import ConfigError
+from .beams import BeamDecodeState
 from .generation import ResolvedGeneration, resolve_generation
 from .positions import prompt_positions
 
-__all__ = ["DecodeState", "RandomDraws", "SamplingConfig", "generate_local", "stream_local"]
+__all__ = [
+    "DecodeState",
+    "Decoding",
+    "RandomDraws",
+    "SamplingConfig",
+    "generate_local",
+    "new_decode_state",
+    "stream_local",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,15 @@ class DecodeState:
             makes a fresh one from ``generation.seed`` (or from a random seed).
     """
 
+    #: Greedy search and sampling never reorder rows (beam search does: :class:`~.beams.BeamDecodeState`).
+    beam_idx: torch.Tensor | None = None
+
     def __init__(self, generation: ResolvedGeneration, generator: torch.Generator | None = None) -> None:
+        if generation.num_beams > 1:
+            raise ConfigError(
+                f"DecodeState runs greedy search and sampling, not num_beams={generation.num_beams}; "
+                "make the state with new_decode_state(), which picks BeamDecodeState for beam search."
+            )
         self.generation = generation
         self.sequences = generation.input_ids  # (B, T), grows by one column per step
         self.attention_mask = generation.attention_mask
@@ -180,6 +201,18 @@ class DecodeState:
         return tokens[:, None], self.attention_mask, self._last_prompt_position + self.generated
 
 
+#: The decode state of one call: greedy search and sampling, or beam search.
+Decoding = DecodeState | BeamDecodeState
+
+
+def new_decode_state(generation: ResolvedGeneration, generator: torch.Generator | None = None) -> Decoding:
+    """The decode state ``generation`` asks for: a :class:`BeamDecodeState` for ``num_beams > 1``,
+    else a :class:`DecodeState`; ``generator`` is where samples come from."""
+    if generation.num_beams > 1:
+        return BeamDecodeState(generation, generator)
+    return DecodeState(generation, generator)
+
+
 def stream_local(
     bottom: Any,
     trunk: Any,
@@ -199,11 +232,15 @@ def stream_local(
     ``sampling`` is a :class:`SamplingConfig`) and yields the ``(B,)`` new tokens of each
     step (``pad_token_id`` for finished rows). This is the synchronous reference loop;
     async applications use ``SplitPipeline``.
+
+    Raises:
+        ConfigError: the settings ask for beam search, whose sequences are known only at
+            the end (use :func:`generate_local`), or another option the split cannot run.
     """
-    for state, _ in _local_steps(
-        bottom, trunk, top, input_ids, attention_mask, max_new_tokens, generation_config, sampling, kwargs
+    for _, ids in _local_steps(
+        bottom, trunk, top, input_ids, attention_mask, max_new_tokens, generation_config, sampling, kwargs, True
     ):
-        yield state.sequences[:, -1]
+        yield ids[:, 0]
 
 
 def generate_local(
@@ -218,15 +255,17 @@ def generate_local(
     sampling: SamplingConfig | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Like :func:`stream_local`, but returns ``(B, T + new)`` token ids as ``model.generate`` does."""
-    last: DecodeState | None = None
+    """Like :func:`stream_local`, but returns ``(B * R, T + new)`` token ids as ``model.generate`` does
+    (``R = num_return_sequences``), beam search included."""
+    last: Decoding | None = None
     for state, _ in _local_steps(
-        bottom, trunk, top, input_ids, attention_mask, max_new_tokens, generation_config, sampling, kwargs
+        bottom, trunk, top, input_ids, attention_mask, max_new_tokens, generation_config, sampling, kwargs, False
     ):
         last = state
     if last is None:  # pragma: no cover (generate always makes at least one token)
         raise ValueError("no token was generated.")
-    return last.sequences.to(input_ids.device)
+    sequences = last.result()[0] if isinstance(last, BeamDecodeState) else last.sequences
+    return sequences.to(input_ids.device)
 
 
 def _local_steps(
@@ -239,8 +278,12 @@ def _local_steps(
     generation_config: Any,
     sampling: SamplingConfig | None,
     kwargs: dict[str, Any],
-) -> Iterator[tuple[DecodeState, torch.Tensor]]:
-    """The loop of :func:`stream_local`: yields the state and the new tokens ``(B, 1)`` of each step."""
+    streaming: bool,
+) -> Iterator[tuple[Decoding, torch.Tensor]]:
+    """The loop of :func:`stream_local`: yields the state and the new tokens ``(B, 1)`` of each step.
+
+    With beam search, the caches are reordered by the state's ``beam_idx`` after each step.
+    """
     kwargs = {**(sampling.as_kwargs() if sampling is not None else {}), **kwargs}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
@@ -249,7 +292,12 @@ def _local_steps(
         generation = resolve_generation(
             top.config, top.generation_config, input_ids, attention_mask, generation_config, **kwargs
         )
-        state = DecodeState(generation, draws.generator)
+        state = new_decode_state(generation, draws.generator)
+        if streaming and isinstance(state, BeamDecodeState):
+            raise ConfigError(
+                "stream_local yields each step's tokens, but beam search picks its sequences only at the end; "
+                "use generate_local (transformers' streamers refuse beam search too)."
+            )
         caches = [s.new_cache(state.batch_size) for s in (bottom, trunk, top)]
         ids, mask, pos = state.prompt_inputs()
         try:
@@ -269,6 +317,9 @@ def _local_steps(
                         logits_to_keep=1,
                     )  # (B, 1, V)
                 ids, mask, pos = state.advance(logits[:, -1])  # (B, 1) tokens
+                if state.beam_idx is not None and not state.done:
+                    for cache in caches:
+                        cache.reorder(state.beam_idx)  # each row continues its parent beam
                 yield state, ids
         finally:
             for cache in caches:

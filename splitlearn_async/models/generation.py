@@ -15,12 +15,15 @@ config and generation config, never its weights. :class:`_ConfigHost` is a
 priorities (keyword > ``generation_config`` > the model's > global defaults), the
 special tokens (eos an int or a list; pad defaulting to the first eos, with
 transformers' warning), the lengths, and every processor and criterion in transformers'
-order. They are private helpers of transformers: this module is the one place that calls
-them, and the equivalence tests (``tests/client/test_generation_*.py``) pin what they do.
+order. The same host, kept on the result, runs transformers' beam bookkeeping
+(:mod:`.beams`). They are private helpers of transformers: this module and
+:mod:`.beams` are the only places that call them, and the equivalence tests
+(``tests/client/test_generation_*.py``) pin what they do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,10 +87,13 @@ class ResolvedGeneration:
             order, merged with the user's (a user's processor replaces one of its type).
         stopping_criteria: transformers' criteria (max length, stop strings, eos, ...),
             merged with the user's.
-        input_ids: ``(B * num_return_sequences, T)`` prompts on the CPU, each row repeated.
-        attention_mask: ``(B * num_return_sequences, T)``, 1 for real tokens (inferred from
-            padding when none was given, as ``generate`` does).
+        input_ids: ``(B * R, T)`` prompts on the CPU, each row repeated ``R`` times:
+            ``R = max(num_beams, num_return_sequences)``, as ``generate`` expands them.
+        attention_mask: ``(B * R, T)``, 1 for real tokens (inferred from padding when none
+            was given, as ``generate`` does).
         seed: The call's own seed, or None to draw from torch's global generator.
+        host: The ``GenerationMixin`` host that resolved these settings; beam search runs
+            transformers' bookkeeping on it.
     """
 
     config: GenerationConfig
@@ -96,6 +102,12 @@ class ResolvedGeneration:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     seed: int | None = None
+    host: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def num_beams(self) -> int:
+        """Beams per prompt: 1 for greedy search and sampling, more for beam search."""
+        return int(self.config.num_beams or 1)
 
     @property
     def do_sample(self) -> bool:
@@ -165,8 +177,8 @@ def resolve_generation(
         A :class:`ResolvedGeneration`.
 
     Raises:
-        ConfigError: an option the split model cannot run (beam search, assisted or
-            contrastive decoding, attentions or hidden states in the output, ...), or a
+        ConfigError: an option the split model cannot run (assisted, contrastive or
+            constrained decoding, attentions or hidden states in the output, ...), or a
             keyword that is no ``GenerationConfig`` field; the message names it and the fix.
         ValueError: the prompt's shape or padding is wrong, or transformers refuses the
             settings (its own message: ``max_new_tokens`` <= 0, a non-positive
@@ -199,11 +211,12 @@ def resolve_generation(
         attention_mask = host._prepare_attention_mask_for_generation(input_ids, config, {}).long()
         _check_left_padded(attention_mask)
 
-    # 3. one row per returned sequence
+    # 3. one row per beam or returned sequence, as generate expands the inputs
     expanded_ids, expanded_mask = input_ids, attention_mask
-    if config.num_return_sequences > 1:
-        expanded_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        expanded_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    if expand > 1:
+        expanded_ids = input_ids.repeat_interleave(expand, dim=0)
+        expanded_mask = attention_mask.repeat_interleave(expand, dim=0)
 
     # 4. lengths, then processors and criteria (generate drops an all-ones mask before building them)
     config = host._prepare_generated_length(
@@ -229,7 +242,7 @@ def resolve_generation(
         stopping_criteria=stopping_criteria if stopping_criteria is not None else StoppingCriteriaList(),
         tokenizer=tokenizer,
     )
-    return ResolvedGeneration(config, processors, criteria, expanded_ids, expanded_mask, seed)
+    return ResolvedGeneration(config, processors, criteria, expanded_ids, expanded_mask, seed, host)
 
 
 def _check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -279,12 +292,6 @@ def _refuse_leftovers(leftover: dict[str, Any]) -> None:
 
 def _check_supported(config: GenerationConfig) -> None:
     """Refuse settings that select a decoding method or an output the split model lacks."""
-    if config.num_beams is not None and config.num_beams > 1:
-        raise ConfigError(
-            f"num_beams={config.num_beams} is not supported yet: beam search needs the trunk's KV cache to be "
-            "reordered on the server, which the protocol cannot do yet. Use num_beams=1 (greedy search, or "
-            "do_sample=True to sample)."
-        )
     refusals = {
         "output_attentions": "the trunk's attentions stay where the trunk runs; leave output_attentions=False",
         "output_hidden_states": "the trunk's hidden states stay where it runs; leave output_hidden_states=False",
@@ -307,9 +314,14 @@ def _check_supported(config: GenerationConfig) -> None:
             "guidance needs a second pass of the whole model; set guidance_scale=None."
         )
     mode = config.get_generation_mode()
-    if mode not in ("greedy_search", "sample"):
+    if mode not in ("greedy_search", "sample", "beam_search", "beam_sample"):
         raise ConfigError(
-            f"these settings select {mode!s} generation, which SplitPipeline.generate does not support: it does greedy "
-            "search and sampling (with every logits processor and stopping criterion). Unset penalty_alpha to leave "
-            "contrastive search."
+            f"these settings select {mode.value} generation, which SplitPipeline.generate does not support: it does greedy "
+            "search, sampling and beam search (with every logits processor and stopping criterion). Unset "
+            "penalty_alpha to leave contrastive search, and num_beam_groups for group beam search."
+        )
+    if mode in ("beam_search", "beam_sample") and config.low_memory:
+        raise ConfigError(
+            "low_memory=True is not supported with beam search, by SplitPipeline.generate as by model.generate "
+            "since transformers' beam search refactor; set low_memory=None."
         )

@@ -92,6 +92,8 @@ class TrunkInputs:
         position_ids: ``(B, T)`` int tensor.
         session_id: The client's session id (``open`` only; optional).
         adapter_id: The LoRA adapter the session runs with (``open`` only; None = base weights).
+        beam_idx: ``(B,)`` int64, the row of the session's cache each row continues;
+            the cache is reordered by it before the step (``step`` only; None = no reorder).
     """
 
     kind: Kind
@@ -100,6 +102,7 @@ class TrunkInputs:
     position_ids: torch.Tensor
     session_id: str | None = None
     adapter_id: str | None = None
+    beam_idx: torch.Tensor | None = None
 
 
 @dataclass
@@ -178,9 +181,15 @@ def build_step(
     position_ids: torch.Tensor,
     *,
     wire_dtype: torch.dtype | None = None,
+    beam_idx: torch.Tensor | None = None,
 ) -> bytes:
-    """A ``step`` message of a ``Session`` stream (usually ``T = 1``); arguments as :func:`build_open`."""
-    return inputs_message(Kind.STEP, hidden_states, attention_mask, position_ids, wire_dtype)
+    """A ``step`` message of a ``Session`` stream (usually ``T = 1``); arguments as :func:`build_open`.
+
+    ``beam_idx`` ``(B,)`` (beam search) makes the server reorder the session's cache
+    before the step: row ``i`` continues the row ``beam_idx[i]``, each in ``[0, B)``.
+    """
+    extra = None if beam_idx is None else {"beam_idx": encode_tensor(beam_idx.to(torch.int64))}  # (B,)
+    return inputs_message(Kind.STEP, hidden_states, attention_mask, position_ids, wire_dtype, extra)
 
 
 def build_forward(
@@ -250,7 +259,7 @@ _TENSOR_FIELDS = frozenset({"kind", "hidden_states", "attention_mask", "position
 #: The fields each request kind of ``Session`` and ``Forward`` may carry (docs/protocol.md).
 REQUEST_FIELDS: dict[Kind, frozenset[str]] = {
     Kind.OPEN: _TENSOR_FIELDS | {"session_id", "adapter_id"},
-    Kind.STEP: _TENSOR_FIELDS,
+    Kind.STEP: _TENSOR_FIELDS | {"beam_idx"},
     Kind.FORWARD: _TENSOR_FIELDS,
     Kind.CLOSE: frozenset({"kind"}),
 }
@@ -290,7 +299,8 @@ def parse_inputs(
     Raises:
         WireError: the body is malformed, its kind is not expected, a tensor has a wrong
             dtype, shape or byte count, the hidden states hold NaN/inf, the mask's or the
-            positions' shapes do not match the hidden states, or positions are out of range.
+            positions' shapes do not match the hidden states, or positions or ``beam_idx``
+            are out of range.
     """
     msg = as_message(body, max_bytes)
     kind = message_kind(msg, expected=expected)
@@ -327,7 +337,25 @@ def parse_inputs(
         if session_id is not None and len(session_id) > 128:
             raise WireError(f"message field 'session_id' has {len(session_id)} characters; at most 128 are accepted.")
         adapter_id = parse_adapter_id(msg, required=False)
-    return TrunkInputs(kind, hidden, mask, positions.to(torch.int64), session_id, adapter_id)
+    beam_idx = _parse_beam_idx(msg, batch) if kind is Kind.STEP else None
+    return TrunkInputs(kind, hidden, mask, positions.to(torch.int64), session_id, adapter_id, beam_idx)
+
+
+def _parse_beam_idx(msg: Mapping[str, Any], batch: int) -> torch.Tensor | None:
+    """The optional ``beam_idx`` of a ``step``: ``(B,)`` int64, each in ``[0, B)``.
+
+    Raises:
+        WireError: the frame is malformed, of another dtype or shape, or an index is out of range.
+    """
+    if msg.get("beam_idx") is None:
+        return None
+    beam_idx = decode_tensor(msg["beam_idx"], name="beam_idx", dtypes=("int64",), shape=(batch,))
+    if int(beam_idx.min()) < 0 or int(beam_idx.max()) >= batch:
+        raise WireError(
+            f"beam_idx holds values from {int(beam_idx.min())} to {int(beam_idx.max())}, but each must be a row "
+            f"of the session's cache, in [0, {batch}); send the parent row of every row."
+        )
+    return beam_idx
 
 
 def parse_result(body: bytes | bytearray | memoryview, *, hidden_size: int | None = None) -> TrunkResult:

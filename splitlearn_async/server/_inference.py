@@ -142,7 +142,9 @@ class InferenceService:
         same adapter run in the same trunk call, decode steps with decode steps and prompt
         chunks of any length with prompt chunks (left-padded to the longest). A message
         longer than ``prefill_chunk_tokens`` is cut into chunks, each queued after the
-        previous one finished, so other sessions' decode steps run between them.
+        previous one finished, so other sessions' decode steps run between them. A step's
+        ``beam_idx`` reorders the session's cache on the worker, in the first chunk's
+        work, before its batched call (:mod:`._steps`).
         """
         s = self.server
         session.busy = True
@@ -165,6 +167,7 @@ class InferenceService:
                     reply_dtype,
                     earlier,
                     last=b == length,
+                    beam_idx=inputs.beam_idx if a == 0 else None,  # reordered once, before the first chunk
                 )
                 # decode steps batch with decode steps; prompt chunks of any length with each other
                 key = ("step", adapter, 1 if b - a == 1 else "prompt")

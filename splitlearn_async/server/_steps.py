@@ -3,6 +3,12 @@
 :class:`StepWork` is one session's message (or one chunk of a long prompt) waiting on the
 worker; :func:`compute_batch` runs the waiting works of one batch key as one trunk call:
 linear layers and MLPs over all rows at once, attention per session on its own KV cache.
+
+A beam-search step (``beam_idx``) reorders its session's cache inside the same worker
+item, just before the batched call: the reorder copies keys and values, which is torch
+work and belongs on the worker, and it costs no extra trip through the queue, so the step
+batches with the others as usual. Each work reorders once: if the batched call fails and
+the worker runs the works again one by one, their caches are not reordered twice.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class StepWork:
         reply_dtype: dtype of the hidden states in the reply.
         earlier: Outputs ``(B, t, H)`` of the message's earlier chunks, joined into the reply.
         last: True for a message's last chunk: the result is the encoded reply.
+        beam_idx: ``(B,)`` parent rows: reorder the cache before the step (None: done, or none asked).
+        failure: Why the reorder failed, if it did: the work's result, without a trunk call.
     """
 
     hidden: torch.Tensor
@@ -46,6 +54,18 @@ class StepWork:
     reply_dtype: torch.dtype
     earlier: list[torch.Tensor] = field(default_factory=list)
     last: bool = True
+    beam_idx: torch.Tensor | None = None
+    failure: Exception | None = None
+
+    def reorder_once(self) -> bool:
+        """(worker) Reorder the cache by ``beam_idx`` unless done already; False if that failed."""
+        beam_idx, self.beam_idx = self.beam_idx, None
+        if beam_idx is not None:
+            try:
+                self.cache.reorder(beam_idx)
+            except Exception as exc:
+                self.failure = exc
+        return self.failure is None
 
 
 def chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -60,19 +80,27 @@ def compute_batch(trunk: Any, works: list[StepWork], metrics: NullMetrics) -> li
 
     A step whose output is not finite, or whose reply cannot be encoded, gets its
     exception as its result; the others their reply: a bytes body for a message's last
-    chunk, the ``(B, T, H)`` output otherwise. Raises only if the trunk call itself
-    failed, and then no cache has advanced.
+    chunk, the ``(B, T, H)`` output otherwise. A beam-search step's cache is reordered
+    first (once; a step whose reorder fails gets that error and no trunk call). Raises
+    only if the trunk call itself failed, and then no cache has advanced.
     """
+    live = [w for w in works if w.reorder_once()]
     calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]] = [
-        (w.hidden, w.mask, w.positions, w.cache) for w in works
+        (w.hidden, w.mask, w.positions, w.cache) for w in live
     ]
-    outs = run_stage_batched(trunk, calls)  # each (B_i, T, H), model dtype, CPU
-    metrics.observe_batch(sum(int(w.hidden.shape[0]) for w in works))
+    outs: list[torch.Tensor] = []
+    if calls:
+        outs = run_stage_batched(trunk, calls)  # each (B_i, T, H), model dtype, CPU
+        metrics.observe_batch(sum(int(w.hidden.shape[0]) for w in live))
     # from here on nothing may raise: the caches have advanced, a retry would advance them twice
+    live_outs = iter(outs)  # in the order of ``live``: the works whose reorder did not fail
     results: list[bytes | torch.Tensor | Exception] = []
-    for work, out in zip(works, outs, strict=True):
+    for work in works:
+        if work.failure is not None:
+            results.append(work.failure)
+            continue
         try:
-            results.append(_finish_step(work, out))
+            results.append(_finish_step(work, next(live_outs)))
         except Exception as exc:
             results.append(exc)
     return results

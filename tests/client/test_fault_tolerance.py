@@ -114,3 +114,70 @@ async def test_server_that_does_not_come_back_gives_trunk_unavailable(tiny_bundl
                         proc.wait()
     finally:
         _stop(proc)
+
+
+class _RestartingTrunk:
+    """A trunk (delegating to ``remote``) whose session kills the server before its ``at``-th call
+    and starts a new one on the same port: a restart between two decode steps of ``generate``."""
+
+    def __init__(self, remote: RemoteTrunk, at: int, restart) -> None:
+        self.remote, self.at, self.restart = remote, at, restart
+        self.beam_steps = 0  # steps that carried a beam_idx, for the test to check
+
+    async def info(self):
+        return await self.remote.info()
+
+    async def open_session(self, adapter_id=None):
+        return _RestartingSession(await self.remote.open_session(adapter_id), self)
+
+
+class _RestartingSession:
+    def __init__(self, inner, owner: _RestartingTrunk) -> None:
+        self.inner, self.owner, self.calls = inner, owner, 0
+
+    async def forward(self, hidden, attention_mask, position_ids, *, beam_idx=None):
+        self.calls += 1
+        if self.calls == self.owner.at:
+            self.owner.restart()
+        self.owner.beam_steps += beam_idx is not None
+        return await self.inner.forward(hidden, attention_mask, position_ids, beam_idx=beam_idx)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.inner.aclose()
+
+
+async def test_beam_search_survives_a_restart_by_replaying_its_reorders(tiny_bundle, tmp_path):
+    model, bundle = tiny_bundle
+    bottom, _, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([6, 3], seed=5)  # prompts whose answer needs the trunk's reorders before the kill
+    settings = dict(
+        max_new_tokens=10, num_beams=3, num_return_sequences=2, pad_token_id=0, eos_token_id=None,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    expected = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    port_file = tmp_path / "port"
+    procs = [_start_server(bundle, 0, port_file)]
+    try:
+        port = await _wait_port(procs[0], port_file)
+
+        def restart() -> None:  # SIGKILL, then a new server process on the same port
+            procs[-1].kill()
+            procs[-1].wait()
+            _stop(procs[-1])
+            procs.append(_start_server(bundle, port, port_file))
+
+        config = ClientConfig(retry_deadline_s=90.0, initial_backoff_s=0.05, max_backoff_s=0.5)
+        async with RemoteTrunk(f"127.0.0.1:{port}", config) as remote:
+            trunk = _RestartingTrunk(remote, at=6, restart=restart)  # the prompt, 4 steps, then the restart
+            async with SplitPipeline(bottom, trunk, top) as pipeline:
+                got = await pipeline.generate(ids, mask, **settings)
+            assert remote.replays == 1 and len(procs) == 2
+            assert trunk.beam_steps == 9  # every step after the prompt carried its beam_idx
+        assert torch.equal(got.sequences, expected.sequences)
+        torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=0, atol=1e-5)
+    finally:
+        for proc in procs:
+            _stop(proc)

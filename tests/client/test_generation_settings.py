@@ -209,8 +209,8 @@ async def test_unsupported_options_fail_with_a_sentence_before_any_trunk_work():
     model = tiny_model("llama")
     ids, mask = left_padded_batch([3])
     async with split_pipeline(model, "local") as pipeline:
-        with pytest.raises(ConfigError, match=r"num_beams=3 is not supported yet.*Use num_beams=1"):
-            await pipeline.generate(ids, mask, max_new_tokens=3, num_beams=3)
+        with pytest.raises(ConfigError, match=r"select group_beam_search generation.*Unset .* num_beam_groups"):
+            await pipeline.generate(ids, mask, max_new_tokens=3, num_beams=4, num_beam_groups=2)
         with pytest.raises(ConfigError, match="max_tokens"):
             await pipeline.generate(ids, mask, max_tokens=3)
         with pytest.raises(ConfigError, match="streamer must have put"):

@@ -62,3 +62,19 @@ def test_bf16_stages_on_cuda_stay_close_to_fp32():
     scale = ref[valid].abs().max()
     assert out.dtype == torch.float32 and h.dtype == torch.bfloat16
     assert ((ref - out)[valid].abs().max() / scale).item() <= 5e-2  # bf16 keeps about 3 significant digits
+
+
+@torch.no_grad()
+def test_a_beam_reorder_on_cuda_equals_the_one_on_the_cpu():
+    """The slot copies of KVCache.reorder run on the pool's device."""
+    outs = []
+    for device in ("cpu", "cuda"):
+        trunk = split_model(tiny_model("gemma3").to(device), (1, 5), parts=("trunk",)).trunk
+        g = torch.Generator().manual_seed(0)
+        ids, mask = left_padded_batch([6, 2, 6, 4])
+        cache, pos = trunk.new_cache(4), prompt_positions(mask)
+        run_stage(trunk, torch.randn(4, 6, trunk.hidden_size, generator=g), mask, pos, cache)
+        cache.reorder(torch.tensor([2, 2, 0, 2]))
+        step = torch.randn(4, 1, trunk.hidden_size, generator=g)
+        outs.append(run_stage(trunk, step, None, pos[[2, 2, 0, 2], -1:] + 1, cache))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4

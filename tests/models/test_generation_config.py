@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from splitlearn_async import BundleCorruptError, ConfigError, ModelFactory, load_stages, save_stages, split_model
-from splitlearn_async.models.decoding import generate_local
+from splitlearn_async.models.decoding import generate_local, stream_local
 from splitlearn_async.models.generation import resolve_generation
 from tests.support.generation import transformers_warnings
 from tests.support.tiny_models import left_padded_batch, tiny_model
@@ -108,7 +108,8 @@ def test_eos_none_explicitly_means_no_eos_and_pad_defaults_to_the_first_eos_with
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(num_beams=4), "num_beams=4 is not supported yet"),
+        (dict(num_beams=4, num_beam_groups=2), "group_beam_search generation.*num_beam_groups"),
+        (dict(num_beams=4, low_memory=True), "low_memory=True is not supported with beam search"),
         (dict(penalty_alpha=0.6, top_k=4), "contrastive"),
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(max_new_token=5), "max_new_token"),
@@ -141,6 +142,17 @@ def test_the_local_loop_samples_as_generate_does_with_the_same_seed():
     torch.manual_seed(11)
     got = generate_local(*split_model(model, (2, 4)), ids, mask, **kwargs)
     assert torch.equal(got, expected)
+
+
+def test_the_local_loop_runs_beam_search_as_generate_does_and_stream_local_refuses_it():
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch([4, 7, 2], seed=2)
+    kwargs = dict(max_new_tokens=9, num_beams=4, num_return_sequences=3, length_penalty=1.5, pad_token_id=0)
+    stages = split_model(model, (2, 4))
+    got = generate_local(*stages, ids, mask, **kwargs)
+    assert got.shape[0] == 9 and torch.equal(got, model.generate(input_ids=ids, attention_mask=mask, **kwargs))
+    with pytest.raises(ConfigError, match="stream_local yields each step's tokens, but beam search"):
+        next(stream_local(*stages, ids, mask, **kwargs))
 
 
 @pytest.mark.slow
