@@ -24,7 +24,7 @@ import torch
 from splitlearn_async.errors import StateError
 
 if TYPE_CHECKING:
-    from .cache import CacheGroup
+    from .cache_group import CacheGroup
 
 __all__ = ["ATTENTION_NAME", "AttentionContext", "CacheContext", "PlainContext", "ensure_registered"]
 

@@ -12,7 +12,8 @@ import torch
 
 from splitlearn_async.errors import ConfigError
 
-from .cache import CacheGroup, KVCache
+from .cache import KVCache
+from .cache_group import CacheGroup
 from .stage_classes import Stage
 
 __all__ = ["run_stage", "run_stage_batched"]

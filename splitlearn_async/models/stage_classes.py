@@ -19,7 +19,8 @@ from torch import nn
 from splitlearn_async.errors import ConfigError
 
 from .attention import AttentionContext, CacheContext, PlainContext
-from .cache import CacheGroup, KVCache, KVPool
+from .cache import KVCache, KVPool
+from .cache_group import CacheGroup
 from .families import Family
 
 __all__ = ["PARTS", "STAGE_CLASSES", "BottomStage", "SplitStages", "Stage", "TopStage", "TrunkStage"]

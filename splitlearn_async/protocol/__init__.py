@@ -3,6 +3,7 @@
 - :mod:`.inference`: ``Session``, ``Forward`` and ``Info`` messages.
 - :mod:`.training`: split-training messages.
 - :mod:`.adapters`: loading and deleting LoRA adapters.
+- :mod:`.replies`: plain replies (ids, counts, bytes).
 - :mod:`.status`: the one table between our exception tree and gRPC status codes.
 
 Every body is one msgpack map (``docs/protocol.md``). ``from splitlearn_async import
@@ -15,7 +16,9 @@ from .adapters import *  # noqa: F403
 from .adapters import __all__ as _adapters_all
 from .inference import *  # noqa: F403
 from .inference import __all__ as _inference_all
+from .replies import *  # noqa: F403
+from .replies import __all__ as _replies_all
 from .training import *  # noqa: F403
 from .training import __all__ as _training_all
 
-__all__ = [*_inference_all, *_training_all, *_adapters_all]  # noqa: PLE0604 (each module lists its own names)
+__all__ = [*_inference_all, *_training_all, *_adapters_all, *_replies_all]  # noqa: PLE0604 (each module lists its own names)

@@ -12,7 +12,8 @@ from splitlearn_async.errors import WireError
 from splitlearn_async.wire import Kind, check_keys, message_kind, pack
 
 from .inference import SERVICE_NAME, Body, as_message, parse_adapter_id
-from .training import blob_field, build_reply
+from .replies import build_reply
+from .training import blob_field
 
 __all__ = [
     "METHOD_DELETE_ADAPTER",

@@ -9,6 +9,8 @@ Methods (all unary; see ``docs/protocol.md``)::
     TrainSave      save     -> result {mode, adapter_id, weights (bin), optimizer_state (bin or nil)}
     TrainClose     close    -> result {training_id, closed: true}
 
+The plain replies (ids, counts, bytes) are built in :mod:`.replies`.
+
 Adapters (``LoadAdapter``, ``DeleteAdapter``) are in :mod:`.adapters`.
 
 Parsing raises :class:`splitlearn_async.errors.WireError` with a whole sentence.
@@ -49,19 +51,13 @@ __all__ = [
     "blob_field",
     "build_backward",
     "build_backward_result",
-    "build_optimizer_step_result",
-    "build_reply",
-    "build_train_closed",
     "build_train_forward",
     "build_train_forward_result",
     "build_train_open",
-    "build_train_open_result",
-    "build_train_save_result",
     "build_training_call",
     "parse_backward",
     "parse_backward_norm",
     "parse_backward_result",
-    "parse_reply",
     "parse_train_forward",
     "parse_train_forward_result",
     "parse_train_open",
@@ -393,41 +389,3 @@ def parse_training_call(body: Body, expected: Kind, *, max_bytes: int | None = N
     kind = message_kind(msg, expected=expected)
     check_keys(msg, _CALL_FIELDS.get(kind, frozenset({"kind", "training_id"})), f"a {kind.value!r} message")
     return _training_id(msg), msg
-
-
-def build_reply(**fields: Any) -> bytes:
-    """A ``result`` reply with plain fields (ids, counts, bytes); fields that are None are left out."""
-    return pack({"kind": Kind.RESULT.value, **{k: v for k, v in fields.items() if v is not None}})
-
-
-def build_train_open_result(training_id: str, mode: str, adapter_id: str | None, trainable_parameters: int) -> bytes:
-    """The reply to ``TrainOpen``: the session's id, what it trains, and how many elements."""
-    return build_reply(
-        training_id=training_id, mode=mode, adapter_id=adapter_id, trainable_parameters=int(trainable_parameters)
-    )
-
-
-def build_optimizer_step_result(optimizer_steps: int) -> bytes:
-    """The reply to ``OptimizerStep``: optimizer steps taken so far by the session."""
-    return build_reply(optimizer_steps=int(optimizer_steps))
-
-
-def build_train_save_result(mode: str, adapter_id: str | None, weights: bytes, optimizer_state: bytes | None) -> bytes:
-    """The reply to ``TrainSave``: the trained weights and the optimizer state, as safetensors bytes."""
-    return build_reply(mode=mode, adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state)
-
-
-def build_train_closed(training_id: str) -> bytes:
-    """The reply to ``TrainClose``."""
-    return build_reply(training_id=training_id, closed=True)
-
-
-def parse_reply(body: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Parse a plain ``result`` reply into a dict.
-
-    Raises:
-        WireError: the body is malformed or not a ``result``.
-    """
-    msg = unpack(body)
-    message_kind(msg, expected=Kind.RESULT)
-    return msg

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitlearn_async import split_model
-from splitlearn_async.models.cache import CacheGroup
+from splitlearn_async.models.cache_group import CacheGroup
 from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.models.stages import run_stage, run_stage_batched
 from tests.support.tiny_models import left_padded_batch, tiny_model

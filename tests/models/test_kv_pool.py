@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from splitlearn_async import split_model
-from splitlearn_async.models.cache import CacheGroup, CacheReleased, KVPool
+from splitlearn_async.models.cache import CacheReleased, KVPool
+from splitlearn_async.models.cache_group import CacheGroup
 from splitlearn_async.models.stages import run_stage, run_stage_batched
 from tests.support.tiny_models import tiny_model
 

@@ -14,15 +14,15 @@ from splitlearn_async import (
     split_model,
 )
 from splitlearn_async import protocol as proto
-from splitlearn_async.wire import pack
 from splitlearn_async.errors import StepNotFound, TrunkBusy
-from splitlearn_async.training._pending import PendingSteps, StepGraph
 from splitlearn_async.training._lora import (
     LoraAdapter,
     active_adapter,
     bind_adapter,
     use_adapter,
 )
+from splitlearn_async.training._pending import PendingSteps, StepGraph
+from splitlearn_async.wire import pack
 from tests.support.tiny_models import tiny_model
 from tests.support.training_reference import SPLIT
 
@@ -102,7 +102,7 @@ def test_the_adapter_bound_to_a_cache_is_used_only_for_that_cache():
         assert torch.equal(run(second), with_b)  # a bound cache decides over the active one
     assert active_adapter() is None
 
-    from splitlearn_async.models.cache import CacheGroup
+    from splitlearn_async.models.cache_group import CacheGroup
 
     caches = [trunk.new_cache(1), trunk.new_cache(1)]
     bind_adapter(caches[0], first)
