@@ -66,3 +66,18 @@ def test_latency_replicas_quick(tmp_path):
     failover = report["failover"]
     assert failover["identical_tokens"] is True and failover["replays"] == failover["its_sessions"] >= 1
     assert len(failover["kill_to_first_token_ms"]) == failover["its_sessions"]
+
+
+def test_privacy_quick(tmp_path):
+    out = tmp_path / "privacy.json"
+    run = subprocess.run(
+        [sys.executable, str(LATENCY.with_name("privacy.py")), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["depth"] for row in report["rows"]] == [0, 1]
+    for row in report["rows"]:  # accuracies are shares of the test tokens, at most the ceiling
+        for key in ("linear_probe_accuracy", "mlp_decoder_accuracy"):
+            assert 0.0 <= row[key] <= report["ceiling"] <= 1.0, (key, row)
+    assert report["train_tokens"] + report["test_tokens"] == report["tokens"]
