@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitlearn_async import LocalTrunk, OptimizerConfig, RemoteTrunk, SplitPipeline, SplitTrainer, TrainingConfig
 from splitlearn_async import split_model
 from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.models.stages import run_stage, run_stage_batched
+from tests.support.rpc import served
 from tests.support.tiny_models import left_padded_batch, tiny_model
+from tests.support.training_reference import SPLIT, clone_model, make_batch, max_diff, unsplit_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -78,3 +81,32 @@ def test_a_beam_reorder_on_cuda_equals_the_one_on_the_cpu():
         step = torch.randn(4, 1, trunk.hidden_size, generator=g)
         outs.append(run_stage(trunk, step, None, pos[[2, 2, 0, 2], -1:] + 1, cache))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4
+
+
+async def test_remote_generate_with_the_trunk_on_cuda_equals_model_generate(family):
+    """A server whose trunk is on the GPU (client stages on the CPU): the tokens of model.generate."""
+    model = tiny_model(family)
+    ids, mask = left_padded_batch([4, 9, 6], seed=5)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    bottom, trunk, top = split_model(model, (2, 4))
+    trunk.to("cuda")
+    async with served(trunk) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        async with SplitPipeline(bottom, remote, top) as pipeline:
+            got = await pipeline.generate(ids, mask, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+async def test_a_training_step_with_the_trunk_on_cuda_equals_the_unsplit_step(family):
+    """Full-trunk training with the trunk on the GPU: loss and every updated weight as on the CPU."""
+    opt = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01)
+    model = tiny_model(family)
+    reference = unsplit_step(clone_model(model), make_batch(), opt)
+    bottom, trunk, top = split_model(model, SPLIT)
+    trunk.to("cuda")
+    config = TrainingConfig(optimizer=opt, trunk="full")
+    async with LocalTrunk(trunk) as local, SplitTrainer(bottom, local, top, config) as trainer:
+        loss = await trainer.step(make_batch())
+    assert abs(loss - reference.loss) <= 1e-4
+    updated = dict(reference.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert max_diff(p.cpu(), updated[name]) <= 1e-4, name
