@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitlearn_async import LocalTrunk, OptimizerConfig, RemoteTrunk, SplitPipeline, SplitTrainer, TrainingConfig
-from splitlearn_async import split_model
+from splitlearn_async import (
+    LocalTrunk,
+    OptimizerConfig,
+    RemoteTrunk,
+    SplitPipeline,
+    SplitTrainer,
+    TrainingConfig,
+    split_model,
+)
 from splitlearn_async.models.positions import prompt_positions
 from splitlearn_async.models.stages import run_stage, run_stage_batched
 from tests.support.rpc import served
