@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "SessionNotFound": "splitlearn_async.errors",
     "StepNotFound": "splitlearn_async.errors",
     "AdapterNotFound": "splitlearn_async.errors",
+    "ModelNotFound": "splitlearn_async.errors",
     "PreconditionFailed": "splitlearn_async.errors",
     "AlreadyExists": "splitlearn_async.errors",
     "Unauthenticated": "splitlearn_async.errors",

@@ -26,7 +26,8 @@ also a caller's mistake derive from :class:`ValueError` as well, so generic hand
         │   └── AlreadyExists               the name (of an adapter) is taken
         ├── SessionNotFound (KeyError)      unknown, expired or closed session
         │   ├── StepNotFound                unknown, used or expired training step
-        │   └── AdapterNotFound             no adapter of that name is loaded
+        │   ├── AdapterNotFound             no adapter of that name is loaded
+        │   └── ModelNotFound               the server serves no model of that name
         ├── Unauthenticated                 missing or wrong bearer token
         └── ClientClosed                    the client was used after ``aclose()``
 
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "MissingPartError",
     "ModelError",
+    "ModelNotFound",
     "PreconditionFailed",
     "SessionNotFound",
     "SplitLearnError",
@@ -173,6 +175,10 @@ class StepNotFound(SessionNotFound):
 
 class AdapterNotFound(SessionNotFound):
     """No adapter of that name is loaded on the trunk."""
+
+
+class ModelNotFound(SessionNotFound):
+    """The server serves no model of the name the call gave (NOT_FOUND; the sentence lists its models)."""
 
 
 class Unauthenticated(TrunkError):

@@ -169,16 +169,24 @@ class Connection:
     Args:
         address: ``"host:port"`` of the server.
         config: Deadlines, retries, TLS, token and wire dtype.
+        model: The server's model every call names (metadata ``splitlearn-model``); None
+            for the server's default model.
 
     Raises:
-        ConfigError: the address has no valid port.
+        ConfigError: the address has no valid port, or the model name is not valid.
     """
 
-    def __init__(self, address: str | Sequence[str], config: ClientConfig) -> None:
+    def __init__(self, address: str | Sequence[str], config: ClientConfig, model: str | None = None) -> None:
         self.address = check_address(address)
         self.config = config
+        self.model = None if model is None else proto.check_model_name(model)
         self.wire_dtype: torch.dtype | None = WIRE_DTYPES[config.wire_dtype] if config.wire_dtype else None
-        self.metadata = (("authorization", f"Bearer {config.auth_token}"),) if config.auth_token else None
+        metadata: list[tuple[str, str]] = []
+        if config.auth_token:
+            metadata.append(("authorization", f"Bearer {config.auth_token}"))
+        if self.model is not None:
+            metadata.append((proto.MODEL_METADATA, self.model))
+        self.metadata = tuple(metadata) or None
         self.replays = 0  #: completed replays after a broken stream, over all sessions
         self._channel: grpc.aio.Channel | None = None
         self._closed = False

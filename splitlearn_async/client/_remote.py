@@ -58,18 +58,27 @@ class RemoteTrunk:
         address: ``"host:port"`` of the server, a gRPC target naming several, or a list of
             ``"host:port"``.
         config: Deadlines, retries, TLS, token and wire dtype; ``None`` uses ``ClientConfig()``.
+        model: On a server of several models, the one to run on (every call names it in
+            the metadata ``splitlearn-model``); None runs on the server's default (first)
+            model. A name the server does not serve gets :class:`ModelNotFound` with the
+            names it does. (The balancer keeps asking each replica's health for the
+            service as a whole, so that such a call gets that sentence, not UNAVAILABLE.)
 
     Raises:
-        ConfigError: an address has no valid port, or ``config`` is not a ClientConfig.
+        ConfigError: an address has no valid port, ``config`` is not a ClientConfig, or
+            ``model`` is not a valid model name.
     """
 
-    def __init__(self, address: str | Sequence[str], config: ClientConfig | None = None) -> None:
+    def __init__(
+        self, address: str | Sequence[str], config: ClientConfig | None = None, *, model: str | None = None
+    ) -> None:
         if config is None:
             config = ClientConfig()
         if not isinstance(config, ClientConfig):
             raise ConfigError(f"config must be a ClientConfig, got {type(config).__name__}.")
-        self._connection = Connection(address, config)
+        self._connection = Connection(address, config, model)
         self.address = self._connection.address
+        self.model = self._connection.model
         self.config = config
         self._sessions: set[RemoteTrunkSession] = set()
 

@@ -10,10 +10,12 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Any
 
 from splitlearn_async.errors import ConfigError, MissingPartError
 
 from ._config import ServerConfig
+from ._models import ModelSource, check_model_name
 
 __all__ = ["add_serve_arguments", "serve_main"]
 
@@ -24,8 +26,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``serve`` to ``parser``."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--bundle", help="stage bundle directory (written by `splitlearn split`)")
-    source.add_argument("--model", default=None, help="model directory, .gguf file or 'default'")
+    source.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="[NAME=]SOURCE",
+        help="model directory, .gguf file or 'default' (with --split); or NAME=BUNDLE, repeated, to serve "
+        "several models by name (a call names one in the 'splitlearn-model' metadata; the first is the "
+        "default; each loads on its first call)",
+    )
     parser.add_argument("--split", default=None, help="split points a,b (required with --model), e.g. 3,27")
+    parser.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=None,
+        help="with several --model NAME=BUNDLE: budget for the models' weights in memory; idle models are "
+        "evicted least-recently-used to load another (default: no budget)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="port to bind (0 = any free port)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -96,6 +113,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def named_models(values: list[str] | None) -> dict[str, str] | None:
+    """``--model NAME=SOURCE ...`` as ``{name: source}``; None for the one-model forms.
+
+    Raises:
+        ConfigError: named and unnamed forms mixed, a name given twice, or a bad name.
+    """
+    if not values or not any("=" in v for v in values):
+        if values and len(values) > 1:
+            raise ConfigError(
+                f"--model was given {len(values)} times without names; serve several models as "
+                "--model NAME=BUNDLE --model NAME2=BUNDLE2."
+            )
+        return None
+    models: dict[str, str] = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep or not source:
+            raise ConfigError(f"--model {value!r} needs the form NAME=BUNDLE when several models are named.")
+        if name in models:
+            raise ConfigError(f"--model names {name!r} twice; give each model its own name.")
+        models[check_model_name(name)] = source
+    return models
+
+
 def _split_points(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -142,7 +183,8 @@ def serve_main(args: argparse.Namespace) -> int:
     from splitlearn_async.models.loading import load_stages
     from splitlearn_async.server._service import AsyncGRPCComputeServer
 
-    source = args.bundle or args.model or "default"
+    named = named_models(args.model)
+    source = args.bundle or (args.model[0] if args.model else "default")
     split = _split_points(args.split)
     cpus = _cpu_set(getattr(args, "cpus", None))
     if cpus is not None:  # before torch starts its thread pools, so every thread inherits it
@@ -152,8 +194,10 @@ def serve_main(args: argparse.Namespace) -> int:
     # torch work belongs to the worker thread alone: an OpenMP team started here while loading
     # would throttle the worker's (see splitlearn_async.worker)
     torch.set_num_threads(1)
-    if args.bundle is None and split is None:
+    if named is None and args.bundle is None and split is None:
         raise ConfigError("--split a,b is required with --model (e.g. --split 3,27); bundles record their own.")
+    if args.max_model_bytes is not None and named is None:
+        raise ConfigError("--max-model-bytes applies to several named models (--model NAME=BUNDLE ...).")
     if not args.drain_s >= 0:
         raise ConfigError(f"--drain-s must be a number of seconds >= 0, got {args.drain_s}; e.g. 30.")
     config = ServerConfig(
@@ -169,20 +213,27 @@ def serve_main(args: argparse.Namespace) -> int:
         batching=args.batching,
         max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
+        max_model_bytes=args.max_model_bytes,
     )
-    trunk = load_stages(
-        source, split, parts=("trunk",), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None)
-    ).trunk
-    if trunk is None:  # pragma: no cover (load_stages raises MissingPartError first)
-        raise MissingPartError(f"{source} has no trunk part to serve.")
+    dtype, device = getattr(args, "dtype", None), getattr(args, "device", None)
+    served: Any
+    if named is not None:  # each loads on its first call; a missing path fails now, not then
+        for name, path in named.items():
+            if path != "default" and not os.path.exists(path):
+                raise ConfigError(f"--model {name}={path}: no such file or directory.")
+        served = {name: ModelSource.from_path(path, split, dtype, device) for name, path in named.items()}
+    else:
+        served = load_stages(source, split, parts=("trunk",), dtype=dtype, device=device).trunk
+        if served is None:  # pragma: no cover (load_stages raises MissingPartError first)
+            raise MissingPartError(f"{source} has no trunk part to serve.")
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with AsyncGRPCComputeServer(trunk, args.host, args.port, config) as server:
-            logger.info("serving trunk layers %s on %s:%s", list(trunk.layer_range), args.host, server.port)
+        async with AsyncGRPCComputeServer(served, args.host, args.port, config) as server:
+            logger.info("serving models %s on %s:%s", server.models.names, args.host, server.port)
             if args.port_file:
                 _write_port_file(args.port_file, server.port)
             await stop.wait()

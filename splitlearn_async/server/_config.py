@@ -78,6 +78,10 @@ class ServerConfig:
         max_lora_targets: Most module names in an adapter's ``target_modules``.
         max_adapter_elements: Most elements (``rank x (in + out)`` summed over the adapted
             layers) of one adapter, computed from the trunk's shapes before it is built.
+        max_model_bytes: Budget for the weights of the models loaded at once, on a server
+            of several models (``splitlearn serve --model NAME=BUNDLE ...``): before a model
+            is loaded, idle models are evicted least-recently-used until it fits; ``None``:
+            no budget. KV caches are not counted here (see ``max_tokens_total``).
 
     Every request is decoded within limits derived from these fields
     (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
@@ -112,6 +116,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_lora_targets: int = 16
     max_adapter_elements: int = 16 * 1024 * 1024
+    max_model_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -185,6 +190,8 @@ class ServerConfig:
         _positive_int("max_lora_rank", self.max_lora_rank, "e.g. 64")
         _positive_int("max_lora_targets", self.max_lora_targets, "e.g. 16")
         _positive_int("max_adapter_elements", self.max_adapter_elements, "e.g. 16777216")
+        if self.max_model_bytes is not None:
+            _positive_int("max_model_bytes", self.max_model_bytes, "e.g. 2147483648 (2 GiB), or None for no budget")
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -23,15 +23,26 @@ from ._config import ServerConfig
 from ._metrics import NullMetrics
 from ._sessions import SessionStore
 
-__all__ = ["OFF_LOOP_BYTES", "ServerContext"]
+__all__ = ["OFF_LOOP_BYTES", "Lifecycle", "ServerContext"]
 
 #: Bodies larger than this are decoded on a thread, not on the event loop.
 OFF_LOOP_BYTES = 1 << 20
 
 
 @dataclass
+class Lifecycle:
+    """Where the server is in its life, shared by the contexts of all its models."""
+
+    stopping: bool = False
+
+
+@dataclass
 class ServerContext:
-    """The server's state that its services share.
+    """The state one model's services share with each other and with the server.
+
+    A server holds one context per loaded model (``_models.py``): the trunk, its hidden
+    size and its name are the model's; the worker, the session store, the config, the
+    lifecycle and the metrics' registry are the server's, the same object in every context.
 
     Attributes:
         trunk: The :class:`~splitlearn_async.models.stages.TrunkStage` served.
@@ -41,8 +52,10 @@ class ServerContext:
         hidden_size: The trunk's hidden size ``H``: every tensor on the wire is ``(B, T, H)``.
         reply_dtype: The dtype of hidden states in replies; None answers in the request's dtype.
         max_elements: Largest element count of a tensor in a request (None: the body limit only).
-        metrics: Where the services report latencies and batch sizes (Prometheus when on).
-        stopping: True once the server began to stop.
+        metrics: Where the services report latencies and batch sizes (Prometheus when on),
+            labelled with this model's name.
+        model: The model's name (``Info``, batch keys, metrics labels, sessions).
+        lifecycle: The server's lifecycle (:attr:`stopping`).
     """
 
     trunk: Any
@@ -53,7 +66,13 @@ class ServerContext:
     reply_dtype: torch.dtype | None = None
     max_elements: int | None = None
     metrics: NullMetrics = field(default_factory=NullMetrics)
-    stopping: bool = False
+    model: str = "default"
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+
+    @property
+    def stopping(self) -> bool:
+        """True once the server began to stop."""
+        return self.lifecycle.stopping
 
     def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Check that a call may start: the bearer token (if one is configured), and not stopping.

@@ -12,7 +12,6 @@ frees its session's cache in a ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -26,7 +25,6 @@ from splitlearn_async.wire import Kind, check_keys
 
 from ._context import ServerContext
 from ._sessions import Session
-from ._status import guarded_stream
 from ._steps import StepWork, chunk_bounds, compute_batch
 
 __all__ = ["InferenceService"]
@@ -59,13 +57,10 @@ class InferenceService:
     # --- handlers ------------------------------------------------------------------------
 
     async def session(self, requests: AsyncIterator[bytes], context: Context) -> AsyncGenerator[bytes, None]:
-        """``Session`` stream: open -> result, step -> result ..., close -> closed result."""
-        replies = guarded_stream(self._session(requests, context), context, "this session step")
-        async with contextlib.aclosing(replies):
-            async for reply in replies:
-                yield reply
+        """``Session`` stream: open -> result, step -> result ..., close -> closed result.
 
-    async def _session(self, requests: AsyncIterator[bytes], context: Context) -> AsyncGenerator[bytes, None]:
+        Errors are raised, not answered: the server's handler answers them (``_status.py``).
+        """
         s = self.server
         s.admit(context)
         session: Session | None = None
@@ -109,6 +104,7 @@ class InferenceService:
                 f"hidden_states has {columns} tokens; send a ({rows}, {columns}) mask."
             )
         session = self.server.store.open(rows, columns, inputs.session_id)
+        session.model = self.server.model
         try:
             # a cache is a slot table, no tensor work: made here rather than queued behind
             # whatever the worker runs (a burst of prompts would otherwise open one by one)
@@ -138,8 +134,8 @@ class InferenceService:
         """Run one open/step message through the trunk, batched with other sessions' steps.
 
         The message goes to the worker as :class:`StepWork` under the batch key
-        ``("step", adapter_id, 1 or "prompt")``: waiting steps of other sessions with the
-        same adapter run in the same trunk call, decode steps with decode steps and prompt
+        ``("step", model, adapter_id, 1 or "prompt")``: waiting steps of other sessions of
+        the same model with the same adapter run in the same trunk call, decode steps with decode steps and prompt
         chunks of any length with prompt chunks (left-padded to the longest). A message
         longer than ``prefill_chunk_tokens`` is cut into chunks, each queued after the
         previous one finished, so other sessions' decode steps run between them. A step's
@@ -170,7 +166,7 @@ class InferenceService:
                     beam_idx=inputs.beam_idx if a == 0 else None,  # reordered once, before the first chunk
                 )
                 # decode steps batch with decode steps; prompt chunks of any length with each other
-                key = ("step", adapter, 1 if b - a == 1 else "prompt")
+                key = ("step", s.model, adapter, 1 if b - a == 1 else "prompt")
                 body = await self._run_step(key, work)
                 if b != length and isinstance(body, torch.Tensor):
                     earlier.append(body)  # (B, chunk, H), model dtype

@@ -31,7 +31,8 @@ class ServerProcess:
     Use ``with ServerProcess(bundle) as server: RemoteTrunk(server.address)``.
 
     Args:
-        bundle: Bundle directory (or its ``trunk/``) to serve.
+        bundle: Bundle directory (or its ``trunk/``) to serve; None when ``extra_args`` name
+            the models (``["--model", "a=BUNDLE_A", "--model", "b=BUNDLE_B"]``).
         port: Port to bind; 0 picks a free one (read :attr:`port` after :meth:`start`).
         host: Address to bind.
         extra_args: More ``splitlearn serve`` options, e.g. ``["--torch-threads", "1"]``.
@@ -40,13 +41,13 @@ class ServerProcess:
 
     def __init__(
         self,
-        bundle: str | os.PathLike[str],
+        bundle: str | os.PathLike[str] | None,
         port: int = 0,
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         start_timeout_s: float = 180.0,
     ) -> None:
-        self.bundle = Path(bundle)
+        self.bundle = None if bundle is None else Path(bundle)
         self.requested_port = port
         self.host = host
         self.extra_args = list(extra_args)
@@ -108,8 +109,7 @@ class ServerProcess:
             "-m",
             "splitlearn_async",
             "serve",
-            "--bundle",
-            str(self.bundle),
+            *(["--bundle", str(self.bundle)] if self.bundle is not None else []),
             "--host",
             self.host,
             "--port",

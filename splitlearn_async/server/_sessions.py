@@ -45,6 +45,7 @@ class Session:
         cache_bytes: Bytes the cache held after its last step.
         adapter_id: The LoRA adapter the session runs with (None = base weights); part of
             the batch key, since one trunk call uses one adapter.
+        model: The name of the model the session runs on (a server may serve several).
     """
 
     session_id: str
@@ -56,6 +57,7 @@ class Session:
     cache: Any = None
     cache_bytes: int = 0
     adapter_id: str | None = None
+    model: str = ""
     _closed: bool = field(default=False, repr=False)
     _key: int = field(default=0, repr=False)
 
@@ -112,6 +114,10 @@ class SessionStore:
     def sessions(self) -> list[Session]:
         """A snapshot of the open sessions."""
         return list(self._sessions.values())
+
+    def sessions_of(self, model: str) -> int:
+        """Sessions open on the model named ``model``."""
+        return sum(1 for s in self._sessions.values() if s.model == model)
 
     def active(self, window_s: float) -> int:
         """Sessions busy now or used within the last ``window_s`` seconds."""

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import torch
@@ -47,12 +47,24 @@ def _identity(body: bytes) -> bytes:
 
 
 class TrainingService:
-    """The training half of the trunk server (one per :class:`AsyncGRPCComputeServer`).
+    """The training half of the trunk server (one per model of an :class:`AsyncGRPCComputeServer`).
 
     Args:
         server: The state the server's services share.
         clock: Monotonic clock in seconds.
     """
+
+    #: The methods, by name: (request streamed, reply streamed).
+    METHODS: ClassVar[dict[str, tuple[bool, bool]]] = {
+        "TrainOpen": (False, False),
+        "TrainForward": (False, False),
+        "Backward": (False, False),
+        "OptimizerStep": (False, False),
+        "TrainSave": (False, False),
+        "TrainClose": (False, False),
+        "LoadAdapter": (False, False),
+        "DeleteAdapter": (False, False),
+    }
 
     def __init__(self, server: ServerContext, clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server

@@ -18,13 +18,18 @@ def parse(*argv):
 
 def test_options_parse():
     args = parse("--model", "default", "--split", "3,27", "--port", "0", "--metrics-port", "9100", "--token", "t")
-    assert (args.model, args.split, args.port, args.metrics_port, args.token) == ("default", "3,27", 0, 9100, "t")
+    assert (args.model, args.split, args.port, args.metrics_port, args.token) == (["default"], "3,27", 0, 9100, "t")
+    named = parse("--model", "a=/b1", "--model", "b=/b2", "--max-model-bytes", "1000")
+    assert (named.model, named.max_model_bytes) == (["a=/b1", "b=/b2"], 1000)
 
 
 @pytest.mark.parametrize("argv, fragment", [
     (("--model", "x"), "--split a,b is required"),
     (("--model", "x", "--split", "3"), "two integers"),
     (("--model", "x", "--split", "1,2", "--tls-cert", "c.pem"), "together"),
+    (("--model", "a=/no/such/bundle"), r"--model a=/no/such/bundle: no such file"),
+    (("--model", "x", "--split", "1,2", "--max-model-bytes", "10"), "several named models"),
+    (("--model", "a=/x", "--model", "b=/y", "--max-model-bytes", "0"), "max_model_bytes must be an int >= 1"),
 ])
 def test_bad_options_fail_before_loading(argv, fragment):
     with pytest.raises(ConfigError, match=fragment):

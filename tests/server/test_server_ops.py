@@ -153,5 +153,6 @@ async def test_metrics_endpoint(trunk):
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     assert "splitlearn_trunk_sessions_open 0.0" in text
     assert "splitlearn_trunk_queue_depth" in text
-    assert "splitlearn_trunk_batch_size_count 3.0" in text
-    assert "splitlearn_trunk_step_latency_seconds_count 3.0" in text
+    assert 'splitlearn_trunk_batch_size_count{model="default"} 3.0' in text
+    assert 'splitlearn_trunk_step_latency_seconds_count{model="default"} 3.0' in text
+    assert 'splitlearn_trunk_model_loaded{model="default"} 1.0' in text
