@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--server", required=True, metavar="HOST:PORT", help="address of the trunk server")
     generate.add_argument("--bundle", required=True, help="bundle directory with bottom/, top/ and the tokenizer")
     generate.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    generate.add_argument(
+        "--server-model", default=None, metavar="NAME", help="on a server of several models, the one to use"
+    )
     generate.add_argument("--token", default=None, help="bearer token of the server")
     generate.add_argument("--tls-root-cert", default=None, help="PEM root certificate to trust (turns TLS on)")
     generate.add_argument(
@@ -232,7 +235,7 @@ async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.
         raise MissingPartError(f"{bundle} lacks the bottom or the top part the client needs.")
     shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     async with (
-        RemoteTrunk(address, client_config) as trunk,
+        RemoteTrunk(address, client_config, model=getattr(args, "server_model", None)) as trunk,
         SplitPipeline(stages.bottom, trunk, stages.top, tokenizer=tokenizer) as pipeline,
     ):
         ids, mask = pipeline.encode(prompt)

@@ -81,3 +81,13 @@ def test_privacy_quick(tmp_path):
         for key in ("linear_probe_accuracy", "mlp_decoder_accuracy"):
             assert 0.0 <= row[key] <= report["ceiling"] <= 1.0, (key, row)
     assert report["train_tokens"] + report["test_tokens"] == report["tokens"]
+
+
+def test_models_quick():
+    """Two named models, a budget for one: every switch evicts and reloads, and answers the same."""
+    script = LATENCY.parent / "models.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--switches", "2"], capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "a: first use" in run.stdout and "b: switch: evict a, load b" in run.stdout
+    assert "a: switch: evict b, load a" in run.stdout

@@ -64,10 +64,11 @@ def test_generate_streams_from_a_running_server_the_same_text_as_in_process():
     ids = generate_local(bottom, trunk, top, enc["input_ids"], enc["attention_mask"], 10,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    with ServerProcess(bundle, extra_args=["--torch-threads", "1"]) as server:
+    # the server names its model (serve --model NAME=BUNDLE), and the client names it too
+    with ServerProcess(None, extra_args=["--model", f"smol={bundle}", "--torch-threads", "1"]) as server:
         out = subprocess.run(
             [sys.executable, "-m", "splitlearn_async", "generate", "--server", server.address, "--bundle", str(bundle),
-             "--max-new-tokens", "10", "Name a colour."],
+             "--server-model", "smol", "--max-new-tokens", "10", "Name a colour."],
             capture_output=True, text=True, timeout=300,
         )
     assert out.returncode == 0, out.stderr[-3000:]
