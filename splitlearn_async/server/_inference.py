@@ -134,8 +134,9 @@ class InferenceService:
         """Run one open/step message through the trunk, batched with other sessions' steps.
 
         The message goes to the worker as :class:`StepWork` under the batch key
-        ``("step", model, adapter_id, 1 or "prompt")``: waiting steps of other sessions of
-        the same model with the same adapter run in the same trunk call, decode steps with decode steps and prompt
+        ``("step", model, 1 or "prompt")``: waiting steps of other sessions of the same
+        model run in the same trunk call, whatever their LoRA adapters (each row gets its
+        own session's adapter: ``training._lora.RowAdapters``), decode steps with decode steps and prompt
         chunks of any length with prompt chunks (left-padded to the longest). A message
         longer than ``prefill_chunk_tokens`` is cut into chunks, each queued after the
         previous one finished, so other sessions' decode steps run between them. A step's
@@ -150,7 +151,6 @@ class InferenceService:
             length = int(hidden.shape[1])
             new_mask = inputs.attention_mask[:, -length:]  # (B, T): the new tokens
             reply_dtype = s.reply_dtype_for(hidden)
-            adapter = session.adapter_id
             earlier: list[torch.Tensor] = []
             body: bytes | torch.Tensor = b""
             for a, b in chunk_bounds(length, s.config.prefill_chunk_tokens):
@@ -166,7 +166,7 @@ class InferenceService:
                     beam_idx=inputs.beam_idx if a == 0 else None,  # reordered once, before the first chunk
                 )
                 # decode steps batch with decode steps; prompt chunks of any length with each other
-                key = ("step", s.model, adapter, 1 if b - a == 1 else "prompt")
+                key = ("step", s.model, 1 if b - a == 1 else "prompt")
                 body = await self._run_step(key, work)
                 if b != length and isinstance(body, torch.Tensor):
                     earlier.append(body)  # (B, chunk, H), model dtype

@@ -11,9 +11,14 @@ The active adapter is thread-local state of the torch worker thread:
 
 - a training forward runs inside ``with use_adapter(adapter):``;
 - an inference session binds its adapter to its KV cache (:func:`bind_adapter`), and a
-  pre-hook on the stage activates it for every call that passes that cache, or a
-  ``CacheGroup`` whose caches all carry the same adapter (sessions with different
-  adapters must not be batched together; the hook refuses such a group).
+  pre-hook on the stage activates it for every call that passes that cache. A batched
+  call passes a ``CacheGroup`` of several sessions' caches, whose adapters may differ:
+  the hook then activates :class:`RowAdapters`, which adds each adapter's update to its
+  own sessions' rows only (rows are laid out cache after cache), one pair of small
+  matmuls per run of rows with the same adapter, in the style of S-LoRA/Punica's
+  grouped LoRA (here over contiguous row slices, without a custom kernel). Rows without
+  an adapter get the base output untouched, so a batch of base and adapted sessions
+  gives each exactly what it gets alone.
 
 Adapters save as safetensors in peft's layout
 (``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
@@ -42,6 +47,7 @@ from ._config import LoraConfig
 __all__ = [
     "ADAPTER_FORMAT",
     "LoraAdapter",
+    "RowAdapters",
     "active_adapter",
     "adapter_modules",
     "bind_adapter",
@@ -57,8 +63,8 @@ _HOOKS_ATTR = "_splitlearn_lora_hooks"
 _CACHE_ATTR = "lora_adapter"
 
 
-def active_adapter() -> LoraAdapter | None:
-    """The adapter active on this thread, or None (base weights)."""
+def active_adapter() -> LoraAdapter | RowAdapters | None:
+    """The adapter active on this thread (per row, for a batch of sessions), or None (base weights)."""
     stack = getattr(_local, "stack", None)
     return stack[-1] if stack else None
 
@@ -81,19 +87,64 @@ def bind_adapter(cache: Any, adapter: LoraAdapter | None) -> None:
     setattr(cache, _CACHE_ATTR, adapter)
 
 
-def _adapter_of_cache(cache: Any) -> tuple[bool, LoraAdapter | None]:
-    """(found, adapter) for a KVCache or a CacheGroup; found is False when nothing is bound."""
+def _adapter_of_cache(cache: Any) -> tuple[bool, LoraAdapter | RowAdapters | None]:
+    """(found, adapter) for a KVCache or a CacheGroup; found is False when nothing is bound.
+
+    A group whose caches carry different adapters gives a :class:`RowAdapters`.
+    """
     caches = getattr(cache, "caches", None)
     if caches is None:
         return (hasattr(cache, _CACHE_ATTR), getattr(cache, _CACHE_ATTR, None))
-    adapters = {id(getattr(c, _CACHE_ATTR, None)): getattr(c, _CACHE_ATTR, None) for c in caches}
-    if len(adapters) > 1:
-        raise ConfigError(
-            "a batched trunk call mixes sessions with different LoRA adapters; the batch key must "
-            "include the session's adapter_id so that each batch uses one adapter."
-        )
-    (adapter,) = adapters.values()
-    return (adapter is not None, adapter)
+    bound = [getattr(c, _CACHE_ATTR, None) for c in caches]
+    if all(a is bound[0] for a in bound):
+        return (bound[0] is not None, bound[0])
+    segments: list[tuple[int, int, LoraAdapter | None]] = []
+    start = 0
+    for c, adapter in zip(caches, bound, strict=True):
+        end = start + int(c.batch_size)
+        if segments and segments[-1][2] is adapter:  # neighbours with the same adapter: one run
+            segments[-1] = (segments[-1][0], end, adapter)
+        else:
+            segments.append((start, end, adapter))
+        start = end
+    return (True, RowAdapters(segments))
+
+
+class RowAdapters:
+    """Different adapters for different rows of one batched call (sessions batched together).
+
+    Args:
+        segments: ``(start, end, adapter)`` runs of rows, in order, covering the batch;
+            ``adapter`` None for rows that run the base weights.
+    """
+
+    def __init__(self, segments: list[tuple[int, int, LoraAdapter | None]]) -> None:
+        self.segments = [(a, b, adapter) for a, b, adapter in segments if adapter is not None]
+
+    def add_delta(self, name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output`` plus each run's own adapter update on its rows of layer ``name``.
+
+        Rows of the base weights, and of adapters that lack this layer, keep ``output``'s
+        values. Without autograd the update is added in place (no copy of the output); with
+        autograd, the result is assembled from the runs.
+        """
+        parts: list[tuple[int, int, torch.Tensor]] = []
+        for a, b, adapter in self.segments:
+            delta = adapter.delta(name, x[a:b])  # (b - a, ..., out)
+            if delta is not None:
+                parts.append((a, b, delta))
+        if not parts:
+            return output
+        if not torch.is_grad_enabled():
+            for a, b, delta in parts:
+                output[a:b] += delta
+            return output
+        pieces, at = [], 0
+        for a, b, delta in parts:
+            pieces += [output[at:a], output[a:b] + delta]
+            at = b
+        pieces.append(output[at:])
+        return torch.cat(pieces)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -337,6 +388,8 @@ def _layer_hook(name: str) -> Any:
         adapter = active_adapter()
         if adapter is None:
             return None  # base output, untouched
+        if isinstance(adapter, RowAdapters):
+            return adapter.add_delta(name, args[0], output)
         delta = adapter.delta(name, args[0])
         return None if delta is None else output + delta
 
