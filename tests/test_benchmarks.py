@@ -91,3 +91,12 @@ def test_models_quick():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "a: first use" in run.stdout and "b: switch: evict a, load b" in run.stdout
     assert "a: switch: evict b, load a" in run.stdout
+
+
+def test_adapters_quick():
+    """Mixed-adapter batches answer as each session alone, and both training schedules run."""
+    script = LATENCY.parent / "adapters.py"
+    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(tokens identical: True)" in run.stdout
+    assert "training concurrent" in run.stdout and "training one_after_another" in run.stdout

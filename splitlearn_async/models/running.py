@@ -2,10 +2,18 @@
 
 Both run on the stage's own device and dtype and hand their outputs back on the CPU, as
 a worker thread passes them on to another thread or process.
+
+A stage's calls never overlap: each takes the stage's lock. A stage (and its KV pool) is
+normally used by one worker thread, whose calls are sequential anyway, so the lock is
+never contended; it makes it safe for several pipelines, each with its own worker, to
+share one bottom and top (e.g. one pipeline per LoRA adapter): their calls on a shared
+stage take turns instead of corrupting its KV pool.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -17,6 +25,18 @@ from .cache_group import CacheGroup
 from .stage_classes import Stage
 
 __all__ = ["run_stage", "run_stage_batched"]
+
+_LOCKS: weakref.WeakKeyDictionary[Stage, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_of(stage: Stage) -> threading.Lock:
+    """The lock of ``stage``'s calls (kept beside the stage, so that stages stay copyable)."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(stage)
+        if lock is None:
+            lock = _LOCKS[stage] = threading.Lock()
+        return lock
 
 
 def run_stage(
@@ -35,7 +55,7 @@ def run_stage(
     """
     device = stage.device
     x = inputs.to(device, stage.dtype) if inputs.is_floating_point() else inputs.to(device)
-    with torch.no_grad():
+    with _lock_of(stage), torch.no_grad():
         out: torch.Tensor = stage(
             x,
             None if attention_mask is None else attention_mask.to(device),

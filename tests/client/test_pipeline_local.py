@@ -171,3 +171,52 @@ async def test_smollm2_pipeline_equals_model_generate_and_streams_text():
         pieces = [c.text[0] async for c in pipeline.stream(ids, mask, max_new_tokens=24)]
         answer = await pipeline.generate_text([{"role": "user", "content": "What is the capital of France?"}], 24)
     assert "".join(pieces) == answer and "Paris" in answer
+
+
+async def test_several_pipelines_sharing_bottom_and_top_run_at_once_and_equal_model_generate():
+    """Each pipeline has its own worker thread; their calls on the shared stages take turns."""
+    import asyncio
+
+    model = tiny_model("qwen2")
+    bottom, trunk, top = split_model(model, (2, 4))
+    prompts = [left_padded_batch([3 + i, 6], seed=i) for i in range(4)]
+    expected = [
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        for ids, mask in prompts
+    ]
+    async with LocalTrunk(trunk) as local:
+        pipelines = [SplitPipeline(bottom, local, top) for _ in range(4)]
+        try:
+            for p in pipelines:
+                await p.__aenter__()
+
+            async def many(p, ids, mask):
+                return await asyncio.gather(
+                    *(p.generate(ids, mask, max_new_tokens=12, pad_token_id=0) for _ in range(3))
+                )
+
+            got = await asyncio.gather(*(many(p, ids, mask) for p, (ids, mask) in zip(pipelines, prompts)))
+        finally:
+            for p in pipelines:
+                await p.__aexit__(None, None, None)
+    for runs, want in zip(got, expected):
+        assert all(torch.equal(r, want) for r in runs)
+
+
+def test_a_stage_call_waits_while_another_thread_runs_the_same_stage():
+    from splitlearn_async.models.running import _lock_of, run_stage
+
+    bottom = split_model(tiny_model("llama"), (2, 4), parts=("bottom",)).bottom
+    ids = torch.tensor([[5, 6, 7]])
+    done = threading.Event()
+
+    def call():
+        run_stage(bottom, ids, None, None, bottom.new_cache(1))
+        done.set()
+
+    with _lock_of(bottom):  # as if another worker were running the stage
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert not done.wait(0.3), "the call ran while the stage was in use"
+    thread.join(10)
+    assert done.is_set()
