@@ -117,3 +117,30 @@ async def test_a_training_step_with_the_trunk_on_cuda_equals_the_unsplit_step(fa
     updated = dict(reference.model.named_parameters())
     for name, p in model.named_parameters():
         assert max_diff(p.cpu(), updated[name]) <= 1e-4, name
+
+
+@torch.no_grad()
+def test_a_batch_of_mixed_lora_adapters_on_cuda_equals_each_session_alone():
+    from splitlearn_async.training._lora import LoraAdapter, bind_adapter
+
+    trunk = split_model(tiny_model("llama").to("cuda"), (1, 5), parts=("trunk",)).trunk
+    adapters = []
+    for i in range(2):
+        adapter = LoraAdapter(trunk, rank=4, alpha=8.0, target_modules=("q_proj", "o_proj"), seed=i)
+        for _, b in adapter.pairs.values():
+            b.normal_(0.0, 0.1)
+        adapters.append(adapter)
+    plan = [adapters[0], None, adapters[1], adapters[0]]
+    batched, alone = [trunk.new_cache(1) for _ in plan], [trunk.new_cache(1) for _ in plan]
+    for together, apart, adapter in zip(batched, alone, plan):
+        bind_adapter(together, adapter)
+        bind_adapter(apart, adapter)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for step in range(3):
+        xs = [torch.randn(1, 4 if step == 0 else 1, trunk.hidden_size, generator=g) for _ in plan]
+        pos = [torch.arange(c.length, c.length + x.shape[1])[None] for x, c in zip(xs, batched)]
+        outs = run_stage_batched(trunk, [(x, None, p, c) for x, p, c in zip(xs, pos, batched)])
+        for x, p, c, out in zip(xs, pos, alone, outs):
+            worst = max(worst, float((run_stage(trunk, x, None, p, c) - out).abs().max()))
+    assert worst <= 1e-4
