@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     # client
     "SplitPipeline": "splitlearn_async.client",
     "StreamChunk": "splitlearn_async.client",
+    "StepTimings": "splitlearn_async.client",
     "LocalTrunk": "splitlearn_async.client",
     "RemoteTrunk": "splitlearn_async.client",
     "ClientConfig": "splitlearn_async.client",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .client import RemoteTrunk as RemoteTrunk
     from .client import SplitPipeline as SplitPipeline
     from .client import SplitTrainer as SplitTrainer
+    from .client import StepTimings as StepTimings
     from .client import StreamChunk as StreamChunk
     from .client import TrunkChain as TrunkChain
     from .client import TrunkSession as TrunkSession

@@ -4,7 +4,8 @@ import typing
 
 from ._chain import TrunkChain
 from ._config import ClientConfig
-from ._pipeline import SplitPipeline, StreamChunk
+from ._pipeline import SplitPipeline
+from ._pipeline_steps import StepTimings, StreamChunk
 from ._protocols import TrainableTrunk, Trunk
 from ._remote import RemoteTrunk, RemoteTrunkSession
 from ._trainer import SplitTrainer
@@ -18,6 +19,7 @@ __all__ = [
     "RemoteTrunkSession",
     "SplitPipeline",
     "SplitTrainer",
+    "StepTimings",
     "StreamChunk",
     "TrainableTrunk",
     "Trunk",

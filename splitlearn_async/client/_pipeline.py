@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,14 +27,14 @@ from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage
 from ..worker import StageWorker
 from ._generation import GenerationCall
-from ._pipeline_steps import TextDecoder, batch_length, bottom_steps, top_bottom_steps
+from ._pipeline_steps import StepTimings, StreamChunk, TextDecoder, batch_length, bottom_steps, top_bottom_steps
 from ._protocols import Trunk
 from ._trunk import TrunkSession
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["SplitPipeline", "StreamChunk"]
+__all__ = ["SplitPipeline", "StepTimings", "StreamChunk"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +43,6 @@ logger = logging.getLogger(__name__)
 #: exact (streams between sending their trunk step and getting their next tokens), so the
 #: wait ends as soon as they arrive; this bound only covers a trunk call that is slow.
 GATHER_WAIT_S = 0.25
-
-
-@dataclass(frozen=True)
-class StreamChunk:
-    """One decode step of :meth:`SplitPipeline.stream`.
-
-    Attributes:
-        tokens: ``(B,)`` the new token of every row (``pad_token_id`` once a row finished);
-            ``B`` counts every returned sequence (prompts times ``num_return_sequences``).
-        finished: ``(B,)`` bool, rows that have produced eos (this step included).
-        text: Per row, the new text this step adds (with a tokenizer), else ``None``.
-    """
-
-    tokens: torch.Tensor
-    finished: torch.Tensor
-    text: list[str] | None = None
 
 
 class SplitPipeline:
@@ -220,15 +204,22 @@ class SplitPipeline:
         next trunk step carries it, so the trunk reorders its cache before that step.
         """
         ids, mask, pos = state.prompt_inputs()  # (B, T) each
+        started = time.perf_counter()
         hidden = await worker.run_batched(
             ("bottom", id(self.bottom), batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
         )  # (B, T, H)
+        bottom_s = time.perf_counter() - started
         key = ("step", id(self.top), id(self.bottom))
         while True:
             self._stepping += 1
             try:
                 reorder = {} if state.beam_idx is None else {"beam_idx": state.beam_idx}  # (B * K,)
+                sent, received = getattr(session, "bytes_sent", 0), getattr(session, "bytes_received", 0)
+                started = time.perf_counter()
                 hidden = await session.forward(hidden, mask[:, -ids.shape[1] :], pos, **reorder)  # (B, T, H)
+                trunk_s = time.perf_counter() - started
+                sent = getattr(session, "bytes_sent", 0) - sent
+                received = getattr(session, "bytes_received", 0) - received
                 result = await worker.run_batched(
                     (*key, batch_length(hidden.shape[1])),
                     (hidden, mask, pos, caches[1], state, caches[0]),
@@ -238,12 +229,13 @@ class SplitPipeline:
                 self._stepping -= 1
             if isinstance(result, Exception):  # this stream failed, the batch did not
                 raise result
-            ids, mask, pos, next_hidden = result  # the next tokens (B, 1) and their bottom output (B, 1, H)
+            ids, mask, pos, next_hidden, (top_s, next_bottom_s) = result  # next tokens (B, 1), their bottom output
             tokens = ids[:, 0]
-            yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None)
+            timings = StepTimings(bottom_s, trunk_s, top_s, sent, received)
+            yield StreamChunk(tokens, ~state.unfinished, decoder.feed(tokens, state) if decoder else None, timings)
             if next_hidden is None:
                 return
-            hidden = next_hidden
+            hidden, bottom_s = next_hidden, next_bottom_s
 
     async def generate(
         self,

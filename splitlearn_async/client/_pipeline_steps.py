@@ -11,6 +11,8 @@ choice and the bottom.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,54 @@ from ..models.cache import KVCache
 from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage, run_stage_batched
 
-__all__ = ["BottomCall", "StepCall", "StepResult", "TextDecoder", "batch_length", "bottom_steps", "top_bottom_steps"]
+__all__ = [
+    "BottomCall",
+    "StepCall",
+    "StepResult",
+    "StepTimings",
+    "StreamChunk",
+    "TextDecoder",
+    "batch_length",
+    "bottom_steps",
+    "top_bottom_steps",
+]
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Where one token's time went, and what crossed the wire for it.
+
+    The token's hidden states went bottom -> trunk -> top: ``bottom_s`` is the bottom call
+    that made them (the prompt's, for the first token; that call's time, queueing for the
+    worker included), ``trunk_s`` the trunk call as the client waited for it (network,
+    server queue and compute), ``top_s`` the top call that turned them into this token.
+    Bottom and top calls are batched over the pipeline's streams: their time is the
+    batched call's. Bytes are the trunk message and its reply (0 for an in-process trunk).
+    """
+
+    bottom_s: float
+    trunk_s: float
+    top_s: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One decode step of :meth:`SplitPipeline.stream`.
+
+    Attributes:
+        tokens: ``(B,)`` the new token of every row (``pad_token_id`` once a row finished);
+            ``B`` counts every returned sequence (prompts times ``num_return_sequences``).
+        finished: ``(B,)`` bool, rows that have produced eos (this step included).
+        text: Per row, the new text this step adds (with a tokenizer), else ``None``.
+        timings: Where this step's time went (:class:`StepTimings`).
+    """
+
+    tokens: torch.Tensor
+    finished: torch.Tensor
+    text: list[str] | None = None
+    timings: StepTimings | None = None
 
 
 def batch_length(tokens: int) -> int | str:
@@ -35,8 +84,9 @@ def batch_length(tokens: int) -> int | str:
 BottomCall = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]
 #: A decode step of one stream: ``(hidden (B_i, T, H), mask, positions, top cache, state, bottom cache)``.
 StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, Decoding, KVCache]
-#: Its outcome: ``(ids (B_i, 1), mask, positions, hidden (B_i, 1, H) or None when the stream is done)``.
-StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+#: Its outcome: ``(ids (B_i, 1), mask, positions, hidden (B_i, 1, H) or None when the stream
+#: is done, (seconds in the top, seconds in the bottom))``: the times of the batched calls.
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[float, float]]
 
 
 def bottom_steps(bottom: BottomStage, calls: list[BottomCall]) -> list[torch.Tensor]:
@@ -56,7 +106,9 @@ def top_bottom_steps(top: TopStage, bottom: BottomStage, calls: list[StepCall]) 
     have advanced, nothing may make the worker run the batch again, so later failures are
     per stream.
     """
+    started = time.perf_counter()
     logits = run_stage_batched(top, [call[:4] for call in calls], logits_to_keep=1)  # each (B_i, 1, V)
+    top_s = time.perf_counter() - started
     results: list[StepResult | Exception] = []
     waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (stream, its next ids, mask, positions)
     bottom_calls: list[BottomCall] = []
@@ -69,14 +121,16 @@ def top_bottom_steps(top: TopStage, bottom: BottomStage, calls: list[StepCall]) 
         except Exception as exc:
             results.append(exc)
             continue
-        results.append((ids, mask, pos, None))
+        results.append((ids, mask, pos, None, (top_s, 0.0)))
         if not state.done:
             waiting.append((k, ids, mask, pos))
             bottom_calls.append((ids, mask, pos, bottom_cache))
     if bottom_calls:
+        started = time.perf_counter()
         hidden = _bottom_steps_alone_on_failure(bottom, bottom_calls)
+        bottom_s = time.perf_counter() - started
         for (k, ids, mask, pos), h in zip(waiting, hidden, strict=True):
-            results[k] = h if isinstance(h, Exception) else (ids, mask, pos, h)  # h: (B_i, 1, H)
+            results[k] = h if isinstance(h, Exception) else (ids, mask, pos, h, (top_s, bottom_s))  # h: (B_i, 1, H)
     return results
 
 

@@ -67,6 +67,8 @@ class RemoteTrunkSession(TrunkSession):
         self._steps = 0
         self._closed = False
         self.replays = 0  #: completed replays: times this session reopened its stream and rebuilt the cache
+        self.bytes_sent = 0  #: message bytes this session sent (replays not counted)
+        self.bytes_received = 0  #: reply bytes it received
 
     @property
     def steps(self) -> int:
@@ -125,6 +127,8 @@ class RemoteTrunkSession(TrunkSession):
             )
             what = f"step {self._steps} of trunk session {self.session_id}"
         reply = await connection.retrying(lambda: self._attempt(body, what), what)
+        self.bytes_sent += len(body)
+        self.bytes_received += len(reply)
         result = parse_trunk_result(reply, what)
         out = result.hidden_states  # (B, T, H)
         if out is None or tuple(out.shape) != tuple(hidden.shape):

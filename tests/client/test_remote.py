@@ -349,3 +349,22 @@ async def test_a_stream_ended_by_a_server_restart_between_steps_is_replayed():
         assert torch.equal(torch.cat([ids, *steps], dim=1), expected)
     finally:
         await server.stop(grace=0)
+
+
+async def test_each_streamed_token_says_where_its_time_went_and_what_crossed_the_wire():
+    model = tiny_model("llama")
+    bottom, trunk, top = split_model(model, (2, 4))
+    ids, mask = left_padded_batch([5])
+    async with served(trunk) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        async with SplitPipeline(bottom, remote, top) as pipeline:
+            chunks = [c async for c in pipeline.stream(ids, mask, max_new_tokens=4, pad_token_id=0)]
+    hidden = model.config.hidden_size
+    assert len(chunks) == 4
+    for i, chunk in enumerate(chunks):
+        t = chunk.timings
+        assert t is not None and t.bottom_s > 0 and t.trunk_s > 0 and t.top_s > 0
+        tokens = 5 if i == 0 else 1  # the prompt, then one token a step, fp32 on the wire both ways
+        assert t.bytes_sent > tokens * hidden * 4 and t.bytes_received > tokens * hidden * 4
+    async with LocalTrunk(trunk) as local, SplitPipeline(bottom, local, top) as pipeline:
+        chunk = [c async for c in pipeline.stream(ids, mask, max_new_tokens=1, pad_token_id=0)][0]
+    assert chunk.timings is not None and chunk.timings.bytes_sent == 0
