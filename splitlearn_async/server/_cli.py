@@ -15,7 +15,6 @@ from typing import Any
 from splitlearn_async.errors import ConfigError, MissingPartError
 
 from ._config import ServerConfig
-from ._models import ModelSource, check_model_name
 
 __all__ = ["add_serve_arguments", "serve_main"]
 
@@ -119,6 +118,8 @@ def named_models(values: list[str] | None) -> dict[str, str] | None:
     Raises:
         ConfigError: named and unnamed forms mixed, a name given twice, or a bad name.
     """
+    from ._models import check_model_name  # here: the protocol (and torch) only when a command runs
+
     if not values or not any("=" in v for v in values):
         if values and len(values) > 1:
             raise ConfigError(
@@ -182,6 +183,8 @@ def serve_main(args: argparse.Namespace) -> int:
     """
     from splitlearn_async.models.loading import load_stages
     from splitlearn_async.server._service import AsyncGRPCComputeServer
+
+    from ._models import ModelSource
 
     named = named_models(args.model)
     source = args.bundle or (args.model[0] if args.model else "default")
