@@ -63,8 +63,8 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _bad_bodies() -> list[tuple[str, str, bytes]]:
-    """``(name, method, body)`` of everything the adversary sends, round-robin."""
+def _bad_bodies() -> list[tuple[str, str, bytes | list[bytes]]]:
+    """``(name, method, body)`` of everything the adversary sends, round-robin (a list: a client stream)."""
     ones = torch.ones(1, 4, dtype=torch.long)
     nan = torch.full((1, 4, HIDDEN), float("nan"))
     valid = proto.build_forward(torch.randn(1, 4, HIDDEN), ones, torch.arange(4)[None])
@@ -79,10 +79,17 @@ def _bad_bodies() -> list[tuple[str, str, bytes]]:
         ("unknown-field", proto.METHOD_FORWARD, pack(msgpack.unpackb(valid) | {"extra": 1})),
         ("random-bytes", proto.METHOD_BACKWARD, os.urandom(4096)),
         ("truncated", proto.METHOD_FORWARD, valid[: len(valid) // 2]),
-        ("huge-rank", proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter("evil", huge_rank)),
+        ("huge-rank", proto.METHOD_LOAD_ADAPTER, _load_adapter_stream("evil", huge_rank)),
         ("targets-map", proto.METHOD_TRAIN_OPEN, pack({"kind": "open", "mode": "lora", "lora": {"target_modules": {"q_proj": 1}}})),
         ("nan-hidden", proto.METHOD_FORWARD, proto.build_forward(nan, ones, torch.arange(4)[None])),
     ]
+
+
+def _load_adapter_stream(adapter_id: str, weights: bytes) -> list[bytes]:
+    """A whole ``LoadAdapter`` stream: the header declaring the file, then its chunks."""
+    blobs = proto.describe_blobs({"weights": weights})
+    chunks = proto.chunk_bodies(blobs, {"weights": weights}, 4096)
+    return [proto.build_load_adapter(adapter_id, blobs[0], 4096), *chunks]
 
 
 async def _adversary(address: str, period_s: float, stop: asyncio.Event, codes: dict[str, dict[str, int]]) -> None:
@@ -93,9 +100,12 @@ async def _adversary(address: str, period_s: float, stop: asyncio.Event, codes: 
         while not stop.is_set():
             name, method, body = bodies[i % len(bodies)]
             i += 1
-            call = chan.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            io = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
             try:
-                await call(body, timeout=30)
+                if isinstance(body, list):  # a client-streaming method (LoadAdapter)
+                    await chan.stream_unary(method, **io)(iter(body), timeout=30)
+                else:
+                    await chan.unary_unary(method, **io)(body, timeout=30)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name

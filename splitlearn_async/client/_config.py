@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..protocol.checkpoints import CHUNK_OVERHEAD, MIN_CHUNK_BYTES, default_chunk_bytes
 
 __all__ = ["ClientConfig"]
 
@@ -53,6 +54,11 @@ class ClientConfig:
         tls_root_cert_file: PEM file of the root certificate(s) to trust (implies ``tls``).
         tls_server_name: Override the name checked against the server's certificate.
         max_message_bytes: Largest message body either way, in bytes.
+        chunk_bytes: Size of the chunks checkpoints travel in (``load_adapter``,
+            ``open_training`` with weights, a training session's ``state``/``save``), so a
+            checkpoint of any size crosses under the message limits. ``None``: 4 MiB, or
+            less to fit ``max_message_bytes``. Must fit the server's ``max_message_bytes``
+            too (less 128 bytes of framing); a save is sent in chunks no larger.
 
     Raises:
         ConfigError: a field is out of range; the message names the value and the fix.
@@ -70,6 +76,7 @@ class ClientConfig:
     tls_root_cert_file: str | None = None
     tls_server_name: str | None = None
     max_message_bytes: int = 256 * 1024 * 1024
+    chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _number("step_timeout_s", self.step_timeout_s, allow_none=True, fix="use None to wait forever")
@@ -104,6 +111,21 @@ class ClientConfig:
                 f"ClientConfig.max_message_bytes must be an int >= 1024, got {self.max_message_bytes!r}; "
                 "the default is 256 MiB."
             )
+        if self.chunk_bytes is not None and (
+            isinstance(self.chunk_bytes, bool)
+            or not isinstance(self.chunk_bytes, int)
+            or not MIN_CHUNK_BYTES <= self.chunk_bytes <= self.max_message_bytes - CHUNK_OVERHEAD
+        ):
+            raise ConfigError(
+                f"ClientConfig.chunk_bytes must be None or an int in {MIN_CHUNK_BYTES}..max_message_bytes - "
+                f"{CHUNK_OVERHEAD} = {self.max_message_bytes - CHUNK_OVERHEAD}, got {self.chunk_bytes!r}; "
+                "None picks 4 MiB (or less, to fit)."
+            )
+
+    @property
+    def effective_chunk_bytes(self) -> int:
+        """The chunk size checkpoints are sent and asked for in."""
+        return self.chunk_bytes if self.chunk_bytes is not None else default_chunk_bytes(self.max_message_bytes)
 
     @property
     def uses_tls(self) -> bool:

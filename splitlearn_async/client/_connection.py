@@ -19,7 +19,7 @@ import ipaddress
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -68,7 +68,12 @@ class StreamBroken(Exception):
 
 
 class UnaryCaller(Protocol):
-    """What the training calls need of a client: unary calls, the wire dtype, the closed flag."""
+    """What the training calls need of a client: its calls, its settings, the closed flag."""
+
+    @property
+    def config(self) -> ClientConfig:
+        """The client's settings (deadlines, chunk size)."""
+        ...
 
     @property
     def closed(self) -> bool:
@@ -82,6 +87,14 @@ class UnaryCaller(Protocol):
 
     async def unary(self, method: str, body: bytes, *, what: str, retry: bool = True) -> bytes:
         """One unary call with the client's deadline, token and retry policy."""
+        ...
+
+    async def upload(self, method: str, bodies: Iterable[bytes], *, what: str) -> bytes:
+        """A client-streaming call (never retried): ``bodies`` up, one reply back."""
+        ...
+
+    def download(self, method: str, body: bytes, *, what: str) -> AsyncGenerator[bytes, None]:
+        """A server-streaming call (never retried): one body up, the replies as they arrive."""
         ...
 
 

@@ -14,7 +14,7 @@ Faults, in one place each:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +25,7 @@ from .. import protocol as proto
 from ..errors import ConfigError, TrunkError, WireError
 from ..models.positions import prompt_positions
 from ..training import LoraConfig, OptimizerConfig
+from ._checkpoints import download, upload
 from ._config import ClientConfig
 from ._connection import Connection, parse_trunk_result
 from ._remote_session import RemoteTrunkSession
@@ -164,7 +165,9 @@ class RemoteTrunk:
             lora: Settings of a new adapter (``mode="lora"``).
             optimizer: The server-side optimizer's settings; default ``OptimizerConfig()``.
             adapter_id: Train the loaded adapter of this name, or create it under this name.
-            weights: Safetensors bytes to start from (an adapter, or trunk weights for ``"full"``).
+            weights: Safetensors bytes to start from (an adapter, or trunk weights for ``"full"``);
+                they and ``optimizer_state`` travel in chunks (``ClientConfig.chunk_bytes``), so
+                a checkpoint of any size fits under the message limits.
             optimizer_state: Safetensors bytes of a saved optimizer state to resume.
 
         Returns:
@@ -187,7 +190,7 @@ class RemoteTrunk:
         )
 
     async def load_adapter(self, adapter_id: str, weights: bytes) -> None:
-        """Load a saved LoRA adapter (safetensors bytes) on the server under ``adapter_id``.
+        """Load a saved LoRA adapter (safetensors bytes, sent in chunks) on the server under ``adapter_id``.
 
         Raises:
             ClientClosed: the client has been closed.
@@ -256,6 +259,22 @@ class RemoteTrunk:
     async def unary(self, method: str, body: bytes, *, what: str, retry: bool = True) -> bytes:
         """One unary call with the client's deadline, token and retry policy (see ``Connection.unary``)."""
         return await self._connection.unary(method, body, what=what, retry=retry)
+
+    async def upload(self, method: str, bodies: Iterable[bytes], *, what: str) -> bytes:
+        """A client-streaming call (checkpoints up): ``bodies`` written one at a time, one reply.
+
+        Never retried; no overall deadline, but each message within ``step_timeout_s``.
+        """
+        self._connection.check_open(f"send {what}")
+        return await upload(self._connection, method, bodies, what=what)
+
+    def download(self, method: str, body: bytes, *, what: str) -> AsyncGenerator[bytes, None]:
+        """A server-streaming call (checkpoints down): the replies as they arrive.
+
+        Never retried; no overall deadline, but each reply within ``step_timeout_s``.
+        """
+        self._connection.check_open(f"receive {what}")
+        return download(self._connection, method, body, what=what)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run ``attempt()`` with the client's retry policy (see :meth:`Connection.retrying`).

@@ -1,24 +1,32 @@
-"""Training sessions on a trunk server, over a :class:`RemoteTrunk`'s unary calls.
+"""Training sessions on a trunk server, over a :class:`RemoteTrunk`'s calls.
 
 ``open_remote_training(remote_trunk, mode, ...)`` sends ``TrainOpen`` and returns a
 :class:`RemoteTrainingSession` with the :class:`TrainingSession` interface; adapters are
 managed with :func:`load_remote_adapter` and :func:`delete_remote_adapter`. Every call
-goes through ``RemoteTrunk.unary`` (its deadline, token and error translation) with
-``retry=False``: a ``Backward`` may already have stepped the optimizer when a connection
-breaks, so repeating it could apply a gradient twice.
+goes through ``RemoteTrunk`` (its deadline, token and error translation) and none is
+retried: a ``Backward`` may already have stepped the optimizer when a connection breaks,
+so repeating it could apply a gradient twice.
+
+Checkpoints travel in chunks (:mod:`._checkpoints`): ``TrainOpen`` with weights and
+``LoadAdapter`` stream them up, ``TrainSave`` streams the state down, into memory
+(:meth:`RemoteTrainingSession.state`) or straight into files (:meth:`~RemoteTrainingSession.save`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import protocol as proto
-from ..errors import ClientClosed, TrunkError, WireError
+from ..errors import ClientClosed, ConfigError, TrunkError, WireError
 from ..training import LoraConfig, OptimizerConfig, TrunkState, check_adapter_id
 from ..wire import Kind
+from ._checkpoints import receive_files, receive_state, send_checkpoint
 from ._connection import UnaryCaller
 from ._training import TrainingSession
 
@@ -65,17 +73,16 @@ async def open_remote_training(
         TrunkError: any other failure.
     """
     check_adapter_id(adapter_id, "adapter_id", allow_none=True)
-    body = proto.build_train_open(
-        mode,
-        (optimizer or OptimizerConfig()).to_wire(),
-        (lora or LoraConfig()).to_wire() if mode == "lora" else None,
-        adapter_id=adapter_id,
-        weights=weights,
-        optimizer_state=optimizer_state,
-    )
+    opt = (optimizer or OptimizerConfig()).to_wire()
+    settings = (lora or LoraConfig()).to_wire() if mode == "lora" else None
+
+    def header(blobs: list[proto.Blob], chunk_bytes: int) -> bytes:
+        return proto.build_train_open(mode, opt, settings, adapter_id=adapter_id, blobs=blobs, chunk_bytes=chunk_bytes)
+
     what = f"opening a {mode} training session"
-    reply = _reply(await remote.unary(proto.METHOD_TRAIN_OPEN, body, what=what, retry=False), what)
-    return RemoteTrainingSession(remote, reply)
+    data = {"weights": weights, "optimizer_state": optimizer_state}
+    reply = await send_checkpoint(remote, proto.METHOD_TRAIN_OPEN, header, data, what=what)
+    return RemoteTrainingSession(remote, _reply(reply, what))
 
 
 async def load_remote_adapter(remote: UnaryCaller, adapter_id: str, weights: bytes) -> None:
@@ -88,8 +95,14 @@ async def load_remote_adapter(remote: UnaryCaller, adapter_id: str, weights: byt
         TrunkError: any other failure.
     """
     check_adapter_id(adapter_id)
+    if not weights:
+        raise ConfigError(f"adapter {adapter_id!r} has no bytes; pass the adapter file's safetensors bytes.")
+
+    def header(blobs: list[proto.Blob], chunk_bytes: int) -> bytes:
+        return proto.build_load_adapter(adapter_id, blobs[0], chunk_bytes)
+
     what = f"loading adapter {adapter_id!r}"
-    await remote.unary(proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter(adapter_id, weights), what=what, retry=False)
+    await send_checkpoint(remote, proto.METHOD_LOAD_ADAPTER, header, {"weights": weights}, what=what)
 
 
 async def delete_remote_adapter(remote: UnaryCaller, adapter_id: str) -> None:
@@ -179,9 +192,26 @@ class RemoteTrainingSession(TrainingSession):
 
     async def state(self, *, optimizer: bool = True) -> TrunkState:
         self._check("save the training state")
-        body = proto.build_training_call(Kind.SAVE, self.training_id, optimizer=optimizer)
-        reply = _reply(await self._call(proto.METHOD_TRAIN_SAVE, body, "saving the state"), "saving the state")
-        return TrunkState(self.mode, bytes(reply.get("weights", b"")), reply.get("optimizer_state"), self.adapter_id)
+        what = f"saving the state of training session {self.training_id}"
+        async with contextlib.aclosing(self._save_stream(optimizer, what)) as replies:
+            return await receive_state(replies, self.adapter_id, what=what)
+
+    async def save(self, directory: str | Path, *, optimizer: bool = True) -> list[Path]:
+        """Stream the trained weights (and optimizer state) into files under ``directory``.
+
+        No whole blob is held in memory; the files appear only once each has arrived whole
+        and matched its SHA-256 (a failed save leaves earlier files as they were).
+        """
+        self._check("save the training state")
+        what = f"saving the state of training session {self.training_id}"
+        async with contextlib.aclosing(self._save_stream(optimizer, what)) as replies:
+            return await receive_files(replies, Path(directory), what=what)
+
+    def _save_stream(self, optimizer: bool, what: str) -> AsyncGenerator[bytes, None]:
+        """``TrainSave``'s replies: a header, then the chunks of the state."""
+        chunk_bytes = self._remote.config.effective_chunk_bytes
+        body = proto.build_training_call(Kind.SAVE, self.training_id, optimizer=optimizer, chunk_bytes=chunk_bytes)
+        return self._remote.download(proto.METHOD_TRAIN_SAVE, body, what=what)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -224,12 +224,14 @@ class SplitTrainer:
     async def save_trunk(self, directory: str | Path, *, optimizer: bool = True) -> list[Path]:
         """Save what the trunk trained (adapter or weights, plus optimizer state) as safetensors.
 
+        Over a ``RemoteTrunk`` the files are streamed to disk chunk by chunk (``TrainSave``),
+        so a whole trunk saves under any message limit without being held in memory.
+
         Returns:
             The files written (``adapter.safetensors``/``trunk.safetensors``, ``trunk_optimizer.safetensors``).
         """
         session = await self.session()
-        state = await session.state(optimizer=optimizer)
-        return await asyncio.to_thread(state.save, directory)
+        return await session.save(directory, optimizer=optimizer)
 
     # --- worker-thread halves ----------------------------------------------------------------
 

@@ -16,7 +16,9 @@ The rules (caps, what must happen first) are the trunk's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -95,6 +97,18 @@ class TrainingSession:
     async def state(self, *, optimizer: bool = True) -> TrunkState:
         """The trained weights (and the optimizer's state) as safetensors bytes."""
         raise NotImplementedError
+
+    async def save(self, directory: str | Path, *, optimizer: bool = True) -> list[Path]:
+        """Write the trained weights (and the optimizer's state) as safetensors files under ``directory``.
+
+        ``adapter.safetensors`` or ``trunk.safetensors``, and ``trunk_optimizer.safetensors``
+        (:meth:`TrunkState.save`'s names). A remote session streams them to disk as they arrive.
+
+        Returns:
+            The files written.
+        """
+        state = await self.state(optimizer=optimizer)
+        return await asyncio.to_thread(state.save, directory)
 
     async def aclose(self) -> None:
         """End the session; kept graphs are freed, a trained adapter stays loaded (idempotent)."""

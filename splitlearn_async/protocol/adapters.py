@@ -1,9 +1,12 @@
 """Adapter messages of the trunk service: ``LoadAdapter`` and ``DeleteAdapter``.
 
-Methods (unary; see ``docs/protocol.md``)::
+Methods (see ``docs/protocol.md``)::
 
-    LoadAdapter    load     -> result {adapter_id, trainable_parameters}
-    DeleteAdapter  delete   -> result {adapter_id, closed: true}
+    LoadAdapter    load, chunk...  -> result {adapter_id, trainable_parameters}
+    DeleteAdapter  delete          -> result {adapter_id, closed: true}
+
+``LoadAdapter`` is client-streaming: the ``load`` message declares the adapter file
+(``weights``: size and SHA-256) and ``chunk`` messages carry its bytes (:mod:`.checkpoints`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 from splitlearn_async.errors import WireError
 from splitlearn_async.wire import Kind, check_keys, message_kind, pack
 
+from .checkpoints import Blob, blob_fields, parse_blobs
 from .inference import SERVICE_NAME, Body, as_message, parse_adapter_id
 from .replies import build_reply
-from .training import blob_field
 
 __all__ = [
     "METHOD_DELETE_ADAPTER",
@@ -29,25 +32,31 @@ METHOD_LOAD_ADAPTER = f"/{SERVICE_NAME}/LoadAdapter"
 METHOD_DELETE_ADAPTER = f"/{SERVICE_NAME}/DeleteAdapter"
 
 
-def build_load_adapter(adapter_id: str, weights: bytes) -> bytes:
-    """The body of ``LoadAdapter``: an adapter's safetensors bytes to load under ``adapter_id``."""
-    return pack({"kind": Kind.LOAD.value, "adapter_id": adapter_id, "weights": weights})
+def build_load_adapter(adapter_id: str, weights: Blob, chunk_bytes: int) -> bytes:
+    """The first message of ``LoadAdapter``: load the adapter file declared by ``weights`` under ``adapter_id``.
+
+    Its ``chunk_bodies`` follow (``describe_blobs({"weights": data})`` gives ``weights``).
+    """
+    return pack({"kind": Kind.LOAD.value, "adapter_id": adapter_id, **blob_fields([weights], chunk_bytes)})
 
 
-def parse_load_adapter(body: Body, *, max_bytes: int | None = None) -> tuple[str, bytes]:
-    """Parse ``LoadAdapter``: ``(adapter_id, weights)``.
+def parse_load_adapter(
+    body: Body, *, max_bytes: int | None = None, max_message_bytes: int | None = None
+) -> tuple[str, Blob, int]:
+    """Parse the first message of ``LoadAdapter``: ``(adapter_id, weights declared, chunk_bytes)``.
 
     Raises:
-        WireError: the body is malformed or a field is missing.
+        WireError: the body is malformed, a field is missing, or the declaration is malformed
+            or its chunks would not fit ``max_message_bytes``.
     """
     msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.LOAD)
-    check_keys(msg, frozenset({"kind", "adapter_id", "weights"}), "a LoadAdapter message")
+    check_keys(msg, frozenset({"kind", "adapter_id", "weights", "chunk_bytes"}), "a LoadAdapter message")
     adapter_id = parse_adapter_id(msg, required=True)
-    weights = blob_field(msg, "weights")
-    if not weights:
-        raise WireError("message field 'weights' is missing; send the adapter's safetensors bytes.")
-    return adapter_id, weights  # type: ignore[return-value]
+    if msg.get("weights") is None:
+        raise WireError("message field 'weights' is missing; declare the adapter file ({'bytes', 'sha256'}).")
+    blobs, chunk_bytes = parse_blobs(msg, ("weights",), max_message_bytes=max_message_bytes)
+    return adapter_id, blobs[0], chunk_bytes  # type: ignore[return-value]
 
 
 def build_delete_adapter(adapter_id: str) -> bytes:

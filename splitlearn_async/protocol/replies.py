@@ -1,18 +1,24 @@
-"""Plain ``result`` replies of the trunk service: ids, counts and bytes, no tensors."""
+"""Plain ``result`` replies of the trunk service: ids, counts and checkpoint headers, no tensors."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from splitlearn_async.wire import Kind, message_kind, pack, unpack
+from splitlearn_async.wire import Kind, check_keys, field, message_kind, pack, unpack
+
+from .checkpoints import BLOB_NAMES, Blob, blob_fields, parse_blobs
 
 __all__ = [
+    "SaveHeader",
     "build_optimizer_step_result",
     "build_reply",
     "build_train_closed",
     "build_train_open_result",
-    "build_train_save_result",
+    "build_train_save_header",
     "parse_reply",
+    "parse_train_save_header",
 ]
 
 
@@ -33,9 +39,42 @@ def build_optimizer_step_result(optimizer_steps: int) -> bytes:
     return build_reply(optimizer_steps=int(optimizer_steps))
 
 
-def build_train_save_result(mode: str, adapter_id: str | None, weights: bytes, optimizer_state: bytes | None) -> bytes:
-    """The reply to ``TrainSave``: the trained weights and the optimizer state, as safetensors bytes."""
-    return build_reply(mode=mode, adapter_id=adapter_id, weights=weights, optimizer_state=optimizer_state)
+@dataclass(frozen=True)
+class SaveHeader:
+    """The first reply of ``TrainSave``: what was trained and the blobs that follow in chunks.
+
+    Attributes:
+        mode: ``"lora"``, ``"full"`` or ``"frozen"``.
+        adapter_id: The adapter's name (LoRA only).
+        blobs: ``weights`` (absent for ``"frozen"``) and ``optimizer_state`` (if asked for), declared.
+        chunk_bytes: The size of their chunks (None when no blob follows).
+    """
+
+    mode: str
+    adapter_id: str | None
+    blobs: list[Blob]
+    chunk_bytes: int | None
+
+
+_SAVE_HEADER_FIELDS = frozenset({"kind", "mode", "adapter_id", "chunk_bytes", *BLOB_NAMES})
+
+
+def build_train_save_header(mode: str, adapter_id: str | None, blobs: Sequence[Blob], chunk_bytes: int) -> bytes:
+    """The first reply of ``TrainSave``: the mode, the adapter's name, and the blobs declared."""
+    return build_reply(mode=mode, adapter_id=adapter_id, **blob_fields(blobs, chunk_bytes))
+
+
+def parse_train_save_header(body: bytes | bytearray | memoryview) -> SaveHeader:
+    """Parse the first reply of ``TrainSave``.
+
+    Raises:
+        WireError: the body is malformed, or a blob's declaration is.
+    """
+    msg = unpack(body)
+    message_kind(msg, expected=Kind.RESULT)
+    check_keys(msg, _SAVE_HEADER_FIELDS, "a TrainSave header")
+    blobs, chunk_bytes = parse_blobs(msg, BLOB_NAMES)
+    return SaveHeader(field(msg, "mode", str), field(msg, "adapter_id", str, required=False), blobs, chunk_bytes)
 
 
 def build_train_closed(training_id: str) -> bytes:

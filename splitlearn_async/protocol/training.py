@@ -1,13 +1,18 @@
 """Training messages of the trunk service: split training steps and LoRA adapters.
 
-Methods (all unary; see ``docs/protocol.md``)::
+Methods (see ``docs/protocol.md``)::
 
-    TrainOpen      open     -> result {training_id, mode, adapter_id, trainable_parameters}
-    TrainForward   forward  -> result {hidden_states, step_id}      (graph kept on the server)
-    Backward       backward -> result {grad_input, optimizer_steps, applied}
-    OptimizerStep  step     -> result {optimizer_steps}
-    TrainSave      save     -> result {mode, adapter_id, weights (bin), optimizer_state (bin or nil)}
-    TrainClose     close    -> result {training_id, closed: true}
+    TrainOpen      open, chunk...  -> result {training_id, mode, adapter_id, trainable_parameters}
+    TrainForward   forward         -> result {hidden_states, step_id}      (graph kept on the server)
+    Backward       backward        -> result {grad_input, optimizer_steps, applied}
+    OptimizerStep  step            -> result {optimizer_steps}
+    TrainSave      save            -> result {mode, adapter_id, blobs declared}, chunk...
+    TrainClose     close           -> result {training_id, closed: true}
+
+``TrainOpen`` is client-streaming: the ``open`` message declares the checkpoint it starts
+from (``weights``, ``optimizer_state``: size and SHA-256), and ``chunk`` messages carry
+the bytes. ``TrainSave`` is server-streaming the other way. :mod:`.checkpoints` holds the
+chunks' rules, the same both ways.
 
 The plain replies (ids, counts, bytes) are built in :mod:`.replies`.
 
@@ -18,7 +23,7 @@ Parsing raises :class:`splitlearn_async.errors.WireError` with a whole sentence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,7 @@ import torch
 from splitlearn_async.errors import WireError
 from splitlearn_async.wire import Kind, check_keys, decode_tensor, encode_tensor, field, message_kind, pack, unpack
 
+from .checkpoints import Blob, blob_fields, parse_blobs
 from .inference import (
     HIDDEN_DTYPES,
     SERVICE_NAME,
@@ -48,7 +54,6 @@ __all__ = [
     "BackwardRequest",
     "Kind",
     "TrainOpenRequest",
-    "blob_field",
     "build_backward",
     "build_backward_result",
     "build_train_forward",
@@ -82,31 +87,26 @@ def _training_id(msg: Mapping[str, Any]) -> str:
     return value
 
 
-def blob_field(msg: Mapping[str, Any], key: str) -> bytes | None:
-    """The optional binary field ``key`` of ``msg`` as bytes (None when absent)."""
-    value = field(msg, key, bytes, required=False)
-    return bytes(value) if value is not None else None
-
-
 @dataclass
 class TrainOpenRequest:
-    """A parsed ``TrainOpen`` request.
+    """A parsed ``TrainOpen`` header.
 
     Attributes:
         mode: ``"lora"``, ``"full"`` or ``"frozen"``.
         optimizer: The optimizer settings map (``OptimizerConfig.to_wire``).
         lora: The adapter settings map (``LoraConfig.to_wire``), or None.
         adapter_id: Adapter to train (existing) or to create under this name; None = a new name.
-        weights: Safetensors bytes to start from, or None.
-        optimizer_state: Safetensors bytes of an optimizer state to resume, or None.
+        blobs: The checkpoint to start from, declared (``weights``, ``optimizer_state``);
+            its bytes follow in ``chunk`` messages.
+        chunk_bytes: The declared chunk size (None when no blob is declared).
     """
 
     mode: str
     optimizer: dict[str, Any]
     lora: dict[str, Any] | None
     adapter_id: str | None
-    weights: bytes | None
-    optimizer_state: bytes | None
+    blobs: list[Blob]
+    chunk_bytes: int | None
 
 
 def build_train_open(
@@ -115,63 +115,71 @@ def build_train_open(
     lora: Mapping[str, Any] | None = None,
     *,
     adapter_id: str | None = None,
-    weights: bytes | None = None,
-    optimizer_state: bytes | None = None,
+    blobs: Sequence[Blob] = (),
+    chunk_bytes: int | None = None,
 ) -> bytes:
-    """The body of ``TrainOpen``: what trains on the trunk and with which optimizer.
+    """The first message of ``TrainOpen``: what trains on the trunk and with which optimizer.
 
     Args:
         mode: ``"lora"``, ``"full"`` or ``"frozen"``.
         optimizer: ``OptimizerConfig.to_wire()``.
         lora: ``LoraConfig.to_wire()`` for a new adapter (``mode="lora"``).
         adapter_id: Train this loaded adapter, or create it under this name.
-        weights: Safetensors bytes to start from (adapter, or trunk weights for ``"full"``).
-        optimizer_state: Safetensors bytes of a saved optimizer state.
+        blobs: The checkpoint to start from (``describe_blobs({"weights": ..., "optimizer_state": ...})``:
+            an adapter, or trunk weights for ``"full"``; a saved optimizer state); its
+            ``chunk_bodies`` follow this message.
+        chunk_bytes: The size of those chunks.
 
     Returns:
         The message body.
     """
     msg: dict[str, Any] = {"kind": Kind.OPEN.value, "mode": mode, "optimizer": dict(optimizer)}
-    for key, value in (
-        ("lora", dict(lora) if lora is not None else None),
-        ("adapter_id", adapter_id),
-        ("weights", weights),
-        ("optimizer_state", optimizer_state),
-    ):
+    for key, value in (("lora", dict(lora) if lora is not None else None), ("adapter_id", adapter_id)):
         if value is not None:
             msg[key] = value
-    return pack(msg)
+    return pack({**msg, **blob_fields(blobs, chunk_bytes)})
 
 
-_TRAIN_OPEN_FIELDS = frozenset({"kind", "mode", "optimizer", "lora", "adapter_id", "weights", "optimizer_state"})
+_TRAIN_OPEN_FIELDS = frozenset(
+    {"kind", "mode", "optimizer", "lora", "adapter_id", "weights", "optimizer_state", "chunk_bytes"}
+)
 _TRAIN_FORWARD_FIELDS = frozenset({"training_id", "keep_graph"})
 _BACKWARD_FIELDS = frozenset({"kind", "training_id", "step_id", "grad_output", "apply"})
 #: The fields of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``) and ``TrainClose`` (``close``).
 _CALL_FIELDS = {
     Kind.STEP: frozenset({"kind", "training_id", "scale"}),
-    Kind.SAVE: frozenset({"kind", "training_id", "optimizer"}),
+    Kind.SAVE: frozenset({"kind", "training_id", "optimizer", "chunk_bytes"}),
     Kind.CLOSE: frozenset({"kind", "training_id"}),
 }
 
 
-def parse_train_open(body: Body, *, max_bytes: int | None = None) -> TrainOpenRequest:
-    """Parse a ``TrainOpen`` request (the settings' values are checked by the config classes).
+def parse_train_open(
+    body: Body, *, max_bytes: int | None = None, max_message_bytes: int | None = None
+) -> TrainOpenRequest:
+    """Parse the first message of ``TrainOpen`` (the settings' values are checked by the config classes).
+
+    Args:
+        body: The message.
+        max_bytes: Refuse a larger body.
+        max_message_bytes: The receiver's message limit: a declared chunk must fit it.
 
     Raises:
-        WireError: the body is malformed, has unknown fields, or a field has the wrong type.
+        WireError: the body is malformed, has unknown fields, a field has the wrong type, or
+            a blob's declaration or ``chunk_bytes`` is malformed or out of range.
     """
     msg = as_message(body, max_bytes)
     message_kind(msg, expected=Kind.OPEN)
     check_keys(msg, _TRAIN_OPEN_FIELDS, "a TrainOpen message")
     mode = field(msg, "mode", str)
     lora = field(msg, "lora", dict, required=False)
+    blobs, chunk_bytes = parse_blobs(msg, ("weights", "optimizer_state"), max_message_bytes=max_message_bytes)
     return TrainOpenRequest(
         mode=mode,
         optimizer=field(msg, "optimizer", dict, required=False, default={}),
         lora=lora,
         adapter_id=parse_adapter_id(msg, required=False),
-        weights=blob_field(msg, "weights"),
-        optimizer_state=blob_field(msg, "optimizer_state"),
+        blobs=blobs,
+        chunk_bytes=chunk_bytes,
     )
 
 
@@ -375,7 +383,8 @@ def _parse_tensor_result(
 
 
 def build_training_call(kind: Kind, training_id: str, **fields: Any) -> bytes:
-    """The body of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``, field ``optimizer``: bool) or ``TrainClose`` (``close``)."""
+    """The body of ``OptimizerStep`` (``step``), ``TrainSave`` (``save``, fields ``optimizer``: bool and
+    ``chunk_bytes``: int) or ``TrainClose`` (``close``)."""
     return pack({"kind": kind.value, "training_id": training_id, **fields})
 
 

@@ -93,6 +93,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"largest message body either way (default {ServerConfig.max_message_bytes})",
     )
     parser.add_argument(
+        "--max-checkpoint-bytes",
+        type=int,
+        default=ServerConfig.max_checkpoint_bytes,
+        help="most bytes of checkpoints (sent in chunks by TrainOpen, LoadAdapter, TrainSave) held at once "
+        f"(default {ServerConfig.max_checkpoint_bytes})",
+    )
+    parser.add_argument(
         "--allow-full-training",
         action="store_true",
         help="let clients train every trunk weight (mode 'full'); off by default: it changes the weights "
@@ -206,6 +213,7 @@ def serve_main(args: argparse.Namespace) -> int:
     config = ServerConfig(
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
+        max_checkpoint_bytes=args.max_checkpoint_bytes,
         allow_full_training=args.allow_full_training,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,

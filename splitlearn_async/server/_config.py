@@ -82,6 +82,13 @@ class ServerConfig:
             of several models (``splitlearn serve --model NAME=BUNDLE ...``): before a model
             is loaded, idle models are evicted least-recently-used until it fits; ``None``:
             no budget. KV caches are not counted here (see ``max_tokens_total``).
+        max_checkpoint_bytes: Most bytes of checkpoints (weights and optimizer state) the
+            server holds for transfers at once: one ``TrainOpen``, ``LoadAdapter`` or
+            ``TrainSave`` larger than this is refused (``INVALID_ARGUMENT``), and one that
+            would pass it together with the transfers in progress (over all models) is
+            refused at once with ``RESOURCE_EXHAUSTED``. Checkpoints travel in chunks, so
+            this is independent of ``max_message_bytes``. The default (2 GiB) holds
+            SmolLM2's whole trunk with its AdamW state (about 1 GB).
 
     Every request is decoded within limits derived from these fields
     (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
@@ -117,6 +124,7 @@ class ServerConfig:
     max_lora_targets: int = 16
     max_adapter_elements: int = 16 * 1024 * 1024
     max_model_bytes: int | None = None
+    max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -192,6 +200,7 @@ class ServerConfig:
         _positive_int("max_adapter_elements", self.max_adapter_elements, "e.g. 16777216")
         if self.max_model_bytes is not None:
             _positive_int("max_model_bytes", self.max_model_bytes, "e.g. 2147483648 (2 GiB), or None for no budget")
+        _positive_int("max_checkpoint_bytes", self.max_checkpoint_bytes, "e.g. 2147483648 (2 GiB)")
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -23,7 +23,7 @@ from ._config import ServerConfig
 from ._metrics import NullMetrics
 from ._sessions import SessionStore
 
-__all__ = ["OFF_LOOP_BYTES", "Lifecycle", "ServerContext"]
+__all__ = ["OFF_LOOP_BYTES", "CheckpointBytes", "Lifecycle", "ServerContext"]
 
 #: Bodies larger than this are decoded on a thread, not on the event loop.
 OFF_LOOP_BYTES = 1 << 20
@@ -34,6 +34,13 @@ class Lifecycle:
     """Where the server is in its life, shared by the contexts of all its models."""
 
     stopping: bool = False
+
+
+@dataclass
+class CheckpointBytes:
+    """Bytes of checkpoints being transferred now, over all the server's models (``max_checkpoint_bytes``)."""
+
+    in_flight: int = 0
 
 
 @dataclass
@@ -56,6 +63,7 @@ class ServerContext:
             labelled with this model's name.
         model: The model's name (``Info``, batch keys, metrics labels, sessions).
         lifecycle: The server's lifecycle (:attr:`stopping`).
+        checkpoints: The server's count of checkpoint bytes in transfer, shared by its models.
     """
 
     trunk: Any
@@ -68,6 +76,7 @@ class ServerContext:
     metrics: NullMetrics = field(default_factory=NullMetrics)
     model: str = "default"
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    checkpoints: CheckpointBytes = field(default_factory=CheckpointBytes)
 
     @property
     def stopping(self) -> bool:

@@ -29,7 +29,7 @@ from splitlearn_async.wire import WIRE_DTYPES
 from splitlearn_async.worker import StageWorker
 
 from ._config import ServerConfig
-from ._context import Lifecycle, ServerContext
+from ._context import CheckpointBytes, Lifecycle, ServerContext
 from ._inference import InferenceService
 from ._metrics import NullMetrics, ServerMetrics
 from ._models import DEFAULT_MODEL, ModelSet, ModelSource, requested_model
@@ -160,6 +160,7 @@ class AsyncGRPCComputeServer:
         self.store = store
         self.worker = worker
         self._lifecycle = Lifecycle()
+        self._checkpoints = CheckpointBytes()  # one max_checkpoint_bytes budget for all models
         self._metrics: NullMetrics = NullMetrics()
         self.models = ModelSet(sources, self._build_model, config.max_model_bytes, self._set_health)
         for name, value in given.items():  # trunks given in memory are loaded already
@@ -183,6 +184,7 @@ class AsyncGRPCComputeServer:
             metrics=self._metrics.for_model(name),
             model=name,
             lifecycle=self._lifecycle,
+            checkpoints=self._checkpoints,
         )
         return Model(context, self._info_of)
 

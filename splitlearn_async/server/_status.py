@@ -18,7 +18,9 @@ __all__ = ["abort", "abort_for", "cancel_and_wait", "guarded", "guarded_stream",
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
+Q = TypeVar("Q")
+#: A unary-reply handler: its request (a body, or a stream of bodies) and context in, a reply body out.
+Handler = Callable[[Q, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> NoReturn:
@@ -48,12 +50,12 @@ async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception,
     await abort(context, code, sentence(exc))
 
 
-def guarded(handler: Handler, what: str) -> Handler:
+def guarded(handler: Handler[Q], what: str) -> Handler[Q]:
     """``handler`` with every error it raises answered by :func:`abort_for`."""
 
-    async def call(body: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def call(request: Q, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
-            return await handler(body, context)
+            return await handler(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -14,14 +14,21 @@ running when it arrives. Memory is bounded: at most ``max_pending_steps`` graphs
 their backward, each is freed after ``pending_step_ttl_s``, and an idle training session is
 closed after ``session_ttl_s``. Adapters stay loaded after their training session closes
 (inference sessions may name them) until ``DeleteAdapter`` or shutdown.
+
+Checkpoints travel in chunks (``_checkpoints.py``): ``TrainOpen`` and ``LoadAdapter`` are
+client-streaming (a header, then the chunks of the checkpoint it declares), ``TrainSave``
+is server-streaming (a header, then the chunks of the state, serialised once on the
+worker and sent slice by slice from that one buffer), so a checkpoint of any size
+crosses under ``max_message_bytes``; ``max_checkpoint_bytes`` bounds what transfers hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 
 import grpc
@@ -31,9 +38,10 @@ from splitlearn_async import protocol as proto
 from splitlearn_async.training import LoraConfig, OptimizerConfig, TrainingHost, TrainingLimits, bind_adapter
 from splitlearn_async.wire import field
 
+from ._checkpoints import CheckpointTransfers
 from ._context import ServerContext
 from ._sessions import Session
-from ._status import cancel_and_wait, guarded
+from ._status import cancel_and_wait, guarded, guarded_stream
 
 __all__ = ["TrainingService"]
 
@@ -54,15 +62,16 @@ class TrainingService:
         clock: Monotonic clock in seconds.
     """
 
-    #: The methods, by name: (request streamed, reply streamed).
+    #: The methods, by name: (request streamed, reply streamed). Checkpoints travel in chunks:
+    #: ``TrainOpen`` and ``LoadAdapter`` stream them up, ``TrainSave`` streams them down.
     METHODS: ClassVar[dict[str, tuple[bool, bool]]] = {
-        "TrainOpen": (False, False),
+        "TrainOpen": (True, False),
         "TrainForward": (False, False),
         "Backward": (False, False),
         "OptimizerStep": (False, False),
-        "TrainSave": (False, False),
+        "TrainSave": (False, True),
         "TrainClose": (False, False),
-        "LoadAdapter": (False, False),
+        "LoadAdapter": (True, False),
         "DeleteAdapter": (False, False),
     }
 
@@ -81,28 +90,30 @@ class TrainingService:
             max_adapter_elements=c.max_adapter_elements,
         )
         self.host = TrainingHost(server.trunk, server.worker.run, limits, clock)
+        self.transfers = CheckpointTransfers(server)
         self._sweeper: asyncio.Task[None] | None = None
 
     # --- wiring ------------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         """The generic method handlers to add to the ``splitlearn.Trunk`` service."""
-        methods: dict[str, Callable[[bytes, Context], Awaitable[bytes]]] = {
-            "TrainOpen": self._train_open,
+        unary = {
             "TrainForward": self._train_forward,
             "Backward": self._backward,
             "OptimizerStep": self._optimizer_step,
-            "TrainSave": self._train_save,
             "TrainClose": self._train_close,
-            "LoadAdapter": self._load_adapter,
             "DeleteAdapter": self._delete_adapter,
         }
-        return {
-            name: grpc.unary_unary_rpc_method_handler(
-                guarded(fn, f"this {name} call"), request_deserializer=_identity, response_serializer=_identity
-            )
-            for name, fn in methods.items()
+        uploads = {"TrainOpen": self._train_open, "LoadAdapter": self._load_adapter}
+        io = {"request_deserializer": _identity, "response_serializer": _identity}
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            name: grpc.unary_unary_rpc_method_handler(guarded(fn, f"this {name} call"), **io)
+            for name, fn in unary.items()
         }
+        for name, upload in uploads.items():
+            handlers[name] = grpc.stream_unary_rpc_method_handler(guarded(upload, f"this {name} call"), **io)
+        handlers["TrainSave"] = grpc.unary_stream_rpc_method_handler(self._train_save, **io)
+        return handlers
 
     async def stop(self) -> None:
         """Stop the sweeper and free every graph and session (adapters go with the server)."""
@@ -112,7 +123,7 @@ class TrainingService:
 
     def info(self) -> dict[str, Any]:
         """Training fields of ``Info``."""
-        return self.host.info()
+        return {**self.host.info(), "max_checkpoint_bytes": self.transfers.limit}
 
     @property
     def pending_steps(self) -> int:
@@ -145,18 +156,25 @@ class TrainingService:
 
     # --- handlers ------------------------------------------------------------------------------
 
-    async def _train_open(self, body: bytes, context: Context) -> bytes:
-        """``TrainOpen``: create a training session (and its adapter, for LoRA)."""
+    async def _train_open(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        """``TrainOpen``: create a training session (and its adapter, for LoRA), maybe from an uploaded checkpoint."""
         self.server.admit(context)
-        req = proto.parse_train_open(await self.server.decode(body))
-        entry = await self.host.open(
-            req.mode,
-            lora=LoraConfig.from_wire(req.lora) if req.lora is not None else None,
-            optimizer=OptimizerConfig.from_wire(req.optimizer),
-            adapter_id=req.adapter_id,
-            weights=req.weights,
-            optimizer_state=req.optimizer_state,
-        )
+        header = await self.transfers.first(requests)
+        req = proto.parse_train_open(header, max_message_bytes=self.server.config.max_message_bytes)
+        self.host.check_open(req.mode, req.adapter_id)  # before any byte of the checkpoint
+        lora = LoraConfig.from_wire(req.lora) if req.lora is not None else None
+        optimizer = OptimizerConfig.from_wire(req.optimizer)
+        async with self.transfers.upload(
+            requests, req.blobs, req.chunk_bytes, "the checkpoint of this TrainOpen"
+        ) as blobs:
+            entry = await self.host.open(
+                req.mode,
+                lora=lora,
+                optimizer=optimizer,
+                adapter_id=req.adapter_id,
+                weights=blobs.get("weights"),
+                optimizer_state=blobs.get("optimizer_state"),
+            )
         self._ensure_sweeper()
         return proto.build_train_open_result(
             entry.training_id, entry.mode, entry.adapter_id, entry.trainable_parameters
@@ -211,12 +229,26 @@ class TrainingService:
         scale = field(msg, "scale", (int, float), required=False, default=1.0)
         return proto.build_optimizer_step_result(await self.host.optimizer_step(training_id, scale=scale))
 
-    async def _train_save(self, body: bytes, context: Context) -> bytes:
-        """``TrainSave``: the trained weights (adapter or trunk) and the optimizer state, as safetensors."""
+    async def _train_save(self, body: bytes, context: Context) -> AsyncGenerator[bytes, None]:
+        """``TrainSave`` stream: a header declaring the trained weights (adapter or trunk) and the
+        optimizer state as safetensors blobs, then their chunks."""
+        replies = guarded_stream(self._save_replies(body, context), context, "this TrainSave call")
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                yield reply
+
+    async def _save_replies(self, body: bytes, context: Context) -> AsyncGenerator[bytes, None]:
         training_id, msg = await self._parse_call(body, proto.Kind.SAVE, context)
         with_optimizer = bool(field(msg, "optimizer", bool, required=False, default=True))
-        state = await self.host.save(training_id, optimizer=with_optimizer)
-        return proto.build_train_save_result(state.mode, state.adapter_id, state.weights, state.optimizer)
+        chunk_bytes = self.transfers.reply_chunk_bytes(field(msg, "chunk_bytes", int, required=False))
+        with self.transfers.one_save(training_id):
+            state = await self.host.save(training_id, optimizer=with_optimizer)  # serialised once, on the worker
+            data = state.blobs
+            blobs = await asyncio.to_thread(proto.describe_blobs, data)  # SHA-256 off the loop
+            with self.transfers.reserve(sum(b.size for b in blobs), f"the state of training session {training_id}"):
+                yield proto.build_train_save_header(state.mode, state.adapter_id, blobs, chunk_bytes)
+                for chunk in proto.chunk_bodies(blobs, data, chunk_bytes):  # slices of that one buffer
+                    yield chunk
 
     async def _train_close(self, body: bytes, context: Context) -> bytes:
         """``TrainClose``: free the session's graphs and optimizer; its adapter stays loaded."""
@@ -225,11 +257,16 @@ class TrainingService:
         self.host.close(training_id)
         return proto.build_train_closed(training_id)
 
-    async def _load_adapter(self, body: bytes, context: Context) -> bytes:
-        """``LoadAdapter``: load a saved adapter under a name, for inference sessions or more training."""
+    async def _load_adapter(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        """``LoadAdapter``: load an uploaded adapter under a name, for inference sessions or more training."""
         self.server.admit(context)
-        adapter_id, weights = proto.parse_load_adapter(await self.server.decode(body))
-        adapter = await self.host.load_adapter(adapter_id, weights)
+        header = await self.transfers.first(requests)
+        adapter_id, weights, chunk_bytes = proto.parse_load_adapter(
+            header, max_message_bytes=self.server.config.max_message_bytes
+        )
+        self.host.adapters.check_room(adapter_id)  # before any byte of the file
+        async with self.transfers.upload(requests, [weights], chunk_bytes, f"adapter {adapter_id!r}") as blobs:
+            adapter = await self.host.load_adapter(adapter_id, blobs["weights"])
         return proto.build_adapter_result(adapter_id, trainable_parameters=adapter.num_parameters)
 
     async def _delete_adapter(self, body: bytes, context: Context) -> bytes:

@@ -16,7 +16,7 @@ from ._host import Runner, TrainingEntry, TrainingHost, TrainingLimits, output
 from ._lora import bind_adapter, merge_adapter
 from ._loss import IGNORE_INDEX, causal_lm_loss
 from ._safetensors import from_safetensors, to_safetensors
-from ._state import OPTIMIZER_FILE, WEIGHTS_FILES, TrunkState
+from ._state import OPTIMIZER_FILE, WEIGHTS_FILES, TrunkState, state_files
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,5 +37,6 @@ __all__ = [
     "from_safetensors",
     "merge_adapter",
     "output",
+    "state_files",
     "to_safetensors",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AdapterNotFound, AlreadyExists, TrunkBusy, TrunkRejected
-from ._config import LoraConfig
+from ._config import LoraConfig, check_adapter_id
 from ._lora import LoraAdapter, adapter_elements
 from ._safetensors import from_safetensors
 from ._types import TrainingLimits
@@ -37,12 +37,14 @@ class AdapterRegistry:
                 return candidate
 
     def check_room(self, adapter_id: str) -> None:
-        """Check that an adapter named ``adapter_id`` can be added.
+        """Check that an adapter named ``adapter_id`` can be added (a server asks before any byte arrives).
 
         Raises:
+            ConfigError: the name is malformed.
             AlreadyExists: the name is taken.
             TrunkBusy: ``max_adapters`` adapters are loaded.
         """
+        check_adapter_id(adapter_id)
         if adapter_id in self.adapters:
             raise AlreadyExists(
                 f"an adapter named {adapter_id!r} is loaded already; delete it first or pick another name."

@@ -24,16 +24,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, PreconditionFailed, SessionNotFound, SplitLearnError, TrunkRejected
+from ..errors import PreconditionFailed, SessionNotFound, SplitLearnError, TrunkRejected
 from ._adapters import AdapterRegistry, check_lora_cost, create_adapter
-from ._config import TRUNK_MODES, LoraConfig, OptimizerConfig, check_adapter_id
+from ._config import LoraConfig, OptimizerConfig
 from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
 from ._lora import LoraAdapter, lora_config_from_metadata
 from ._pending import PendingSteps
 from ._safetensors import from_safetensors, safetensors_metadata
 from ._state import TrunkState
-from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy, check_can_open
-from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work
+from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy, check_can_open, check_open_settings
+from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work, output
 
 __all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
 
@@ -41,11 +41,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
-    """A ``build`` for :meth:`TrainingHost.forward` and :meth:`~TrainingHost.backward` that returns the tensor itself."""
-    return tensor
 
 
 class TrainingHost:
@@ -105,12 +100,7 @@ class TrainingHost:
             TrunkBusy: too many sessions or adapters.
             CheckpointError: ``weights`` or ``optimizer_state`` do not fit this trunk.
         """
-        if mode not in TRUNK_MODES:
-            raise ConfigError(f"mode must be one of {', '.join(TRUNK_MODES)}, got {mode!r}.")
-        check_adapter_id(adapter_id, "adapter_id", allow_none=True)
-        if mode != "lora" and adapter_id is not None:
-            raise ConfigError(f"adapter_id={adapter_id!r} is only meaningful for mode 'lora', not {mode!r}.")
-        self._check_can_open(mode, adapter_id)
+        self.check_open(mode, adapter_id)
         adapter, created = await self._adapter_for(mode, adapter_id, lora or LoraConfig(), weights)
         try:
             trainer = await self._call(TrunkTrainer, self.trunk, mode, optimizer or OptimizerConfig(), adapter)
@@ -131,6 +121,18 @@ class TrainingHost:
         self.sessions[entry.training_id] = entry
         logger.info("training session %s opened (%s, %d trainable)", entry.training_id, mode, trainer.num_trainable)
         return entry
+
+    def check_open(self, mode: str, adapter_id: str | None) -> None:
+        """The rules of :meth:`open` that need no checkpoint: a server checks them before any byte arrives.
+
+        Raises:
+            ConfigError: an unknown mode, a malformed adapter name, or a name with a mode other than LoRA.
+            PreconditionFailed: full training is not allowed, or would run beside other sessions,
+                or the adapter is being trained by another session.
+            TrunkBusy: too many sessions.
+        """
+        check_open_settings(mode, adapter_id)
+        self._check_can_open(mode, adapter_id)
 
     def _check_can_open(self, mode: str, adapter_id: str | None) -> None:
         check_can_open(self.limits, list(self.sessions.values()), mode, adapter_id)
@@ -338,7 +340,6 @@ class TrainingHost:
             TrunkBusy: ``max_adapters`` adapters are loaded.
             CheckpointError: the bytes are not an adapter that fits this trunk.
         """
-        check_adapter_id(adapter_id)
         self.adapters.check_room(adapter_id)
         check_lora_cost(self.trunk, self.limits, lora_config_from_metadata(safetensors_metadata(weights)))
         adapter = await self._call(adapter_from_bytes, self.trunk, weights, adapter_id)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OPTIMIZER_FILE", "WEIGHTS_FILES", "TrunkState"]
+__all__ = ["OPTIMIZER_FILE", "WEIGHTS_FILES", "TrunkState", "state_files"]
 
 WEIGHTS_FILES = {"lora": "adapter.safetensors", "full": "trunk.safetensors"}
 OPTIMIZER_FILE = "trunk_optimizer.safetensors"
+
+
+def state_files(mode: str) -> dict[str, str]:
+    """The file name of each blob of a ``mode`` session's state: ``{"weights": ..., "optimizer_state": ...}``.
+
+    A frozen trunk has no weights file.
+    """
+    files = {"weights": WEIGHTS_FILES[mode]} if mode in WEIGHTS_FILES else {}
+    return {**files, "optimizer_state": OPTIMIZER_FILE}
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,11 @@ class TrunkState:
     optimizer: bytes | None = None
     adapter_id: str | None = None
 
+    @property
+    def blobs(self) -> dict[str, bytes | None]:
+        """The state as the blobs of a checkpoint on the wire: ``{"weights": ..., "optimizer_state": ...}``."""
+        return {"weights": self.weights or None, "optimizer_state": self.optimizer}
+
     def save(self, directory: str | Path) -> list[Path]:
         """Write ``adapter.safetensors`` (or ``trunk.safetensors``) and ``trunk_optimizer.safetensors``.
 
@@ -36,14 +50,12 @@ class TrunkState:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        if self.mode in WEIGHTS_FILES:
-            path = out / WEIGHTS_FILES[self.mode]
-            path.write_bytes(self.weights)
-            written.append(path)
-        if self.optimizer is not None:
-            path = out / OPTIMIZER_FILE
-            path.write_bytes(self.optimizer)
-            written.append(path)
+        for name, filename in state_files(self.mode).items():
+            data = self.blobs[name]
+            if data is not None:
+                path = out / filename
+                path.write_bytes(data)
+                written.append(path)
         return written
 
     @classmethod

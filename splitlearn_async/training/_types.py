@@ -8,10 +8,19 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from ..errors import PreconditionFailed, TrunkBusy
+from ..errors import ConfigError, PreconditionFailed, TrunkBusy
+from ._config import TRUNK_MODES, check_adapter_id
 from ._engine import TrunkTrainer
 
-__all__ = ["Runner", "TrainingEntry", "TrainingLimits", "apply_blocked", "busy", "check_can_open"]
+__all__ = [
+    "Runner",
+    "TrainingEntry",
+    "TrainingLimits",
+    "apply_blocked",
+    "busy",
+    "check_can_open",
+    "check_open_settings",
+]
 
 T = TypeVar("T")
 
@@ -94,6 +103,19 @@ def apply_blocked(count: int, other: str) -> str:
         f"the optimizer cannot step while {count} {other}step(s) of this training session wait for their "
         "backward (their graphs hold the current weights); run their backward with apply=False first."
     )
+
+
+def check_open_settings(mode: str, adapter_id: str | None) -> None:
+    """Whether ``mode`` and ``adapter_id`` make sense together.
+
+    Raises:
+        ConfigError: an unknown mode, a malformed adapter name, or a name with a mode other than LoRA.
+    """
+    if mode not in TRUNK_MODES:
+        raise ConfigError(f"mode must be one of {', '.join(TRUNK_MODES)}, got {mode!r}.")
+    check_adapter_id(adapter_id, "adapter_id", allow_none=True)
+    if mode != "lora" and adapter_id is not None:
+        raise ConfigError(f"adapter_id={adapter_id!r} is only meaningful for mode 'lora', not {mode!r}.")
 
 
 def check_can_open(limits: TrainingLimits, sessions: list[TrainingEntry], mode: str, adapter_id: str | None) -> None:

@@ -12,9 +12,14 @@ from ._lora import LoraAdapter
 from ._pending import StepGraph
 from ._safetensors import from_safetensors
 
-__all__ = ["adapter_from_bytes", "backward_work", "evaluate_work", "forward_work"]
+__all__ = ["adapter_from_bytes", "backward_work", "evaluate_work", "forward_work", "output"]
 
 R = TypeVar("R")
+
+
+def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
+    """A ``build`` for :meth:`TrainingHost.forward` and :meth:`~TrainingHost.backward` that returns the tensor itself."""
+    return tensor
 
 
 def forward_work(

@@ -63,6 +63,7 @@ class Kind(str, enum.Enum):
     SAVE = "save"
     LOAD = "load"
     DELETE = "delete"
+    CHUNK = "chunk"
 
     def __str__(self) -> str:
         return self.value

@@ -21,7 +21,17 @@ from splitlearn_async import protocol as proto
 from splitlearn_async import split_model
 from splitlearn_async.server import ServerConfig
 from splitlearn_async.wire import Kind, encode_tensor, pack
-from tests.support.rpc import RawSession, channel, make_case, reference, run_session, served, unary
+from tests.support.rpc import (
+    RawSession,
+    channel,
+    load_adapter_bodies,
+    make_case,
+    reference,
+    run_session,
+    served,
+    unary,
+    upload,
+)
 from tests.support.tiny_models import tiny_model
 
 H = 64
@@ -32,9 +42,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-async def _status(chan: grpc.aio.Channel, method: str, body: bytes) -> tuple[grpc.StatusCode, str]:
+async def _status(chan: grpc.aio.Channel, method: str, body: bytes | list[bytes]) -> tuple[grpc.StatusCode, str]:
     try:
-        await unary(chan, method, body)
+        if isinstance(body, list):  # a client-streaming call
+            await upload(chan, method, body)
+        else:
+            await unary(chan, method, body)
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
@@ -70,7 +83,7 @@ def _adapter_file(rank: object, target_modules: object = None, tensors: dict[str
 async def test_load_adapter_settings_are_checked_before_anything_is_built(trunk, rank, targets, words):
     async with served(trunk, max_adapter_elements=1000) as server, channel(server.port) as chan:
         before = _rss_bytes()
-        code, details = await _status(chan, proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter("a", _adapter_file(rank, targets)))
+        code, details = await _status(chan, proto.METHOD_LOAD_ADAPTER, load_adapter_bodies("a", _adapter_file(rank, targets)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert words in details and details.endswith("."), details
         assert _rss_bytes() - before < 64 << 20  # nothing of the claimed size was allocated
@@ -173,7 +186,7 @@ def _valid_bodies() -> dict[str, bytes]:
         proto.METHOD_OPTIMIZER_STEP: proto.build_training_call(Kind.STEP, "t" * 24),
         proto.METHOD_TRAIN_SAVE: proto.build_training_call(Kind.SAVE, "t" * 24, optimizer=True),
         proto.METHOD_TRAIN_CLOSE: proto.build_training_call(Kind.CLOSE, "t" * 24),
-        proto.METHOD_LOAD_ADAPTER: proto.build_load_adapter("a", _adapter_file(2)),
+        proto.METHOD_LOAD_ADAPTER: load_adapter_bodies("a", _adapter_file(2))[0],  # its header
         proto.METHOD_DELETE_ADAPTER: proto.build_delete_adapter("a"),
     }
 

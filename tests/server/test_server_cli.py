@@ -46,3 +46,10 @@ def test_batching_options_parse():
 def test_bad_batching_options_fail_before_loading():
     with pytest.raises(ConfigError, match="max_batch_size"):
         serve_main(parse("--model", "x", "--split", "1,2", "--max-batch-size", "0"))
+
+
+def test_checkpoint_cap_option():
+    assert parse().max_checkpoint_bytes == 2 << 30
+    assert parse("--max-checkpoint-bytes", "1000000").max_checkpoint_bytes == 1_000_000
+    with pytest.raises(ConfigError, match="max_checkpoint_bytes"):
+        serve_main(parse("--model", "x", "--split", "1,2", "--max-checkpoint-bytes", "0"))

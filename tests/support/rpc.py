@@ -87,6 +87,20 @@ async def unary(chan: grpc.aio.Channel, method: str, body: bytes, token: str | N
     return reply
 
 
+async def upload(chan: grpc.aio.Channel, method: str, bodies: list[bytes], token: str | None = None) -> bytes:
+    """A client-streaming call (``TrainOpen``, ``LoadAdapter``): ``bodies`` up, the reply back."""
+    call = chan.stream_unary(method, request_serializer=_identity, response_deserializer=_identity)
+    reply: bytes = await call(iter(bodies), metadata=metadata(token))
+    return reply
+
+
+def load_adapter_bodies(adapter_id: str, weights: bytes, chunk_bytes: int = 4096) -> list[bytes]:
+    """A whole ``LoadAdapter`` stream: the header declaring ``weights``, then its chunks."""
+    blobs = proto.describe_blobs({"weights": weights})
+    data = {"weights": weights}
+    return [proto.build_load_adapter(adapter_id, blobs[0], chunk_bytes), *proto.chunk_bodies(blobs, data, chunk_bytes)]
+
+
 def make_case(batch: int, prompt: int, steps: int, hidden_size: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
     """Messages of one session: a left-padded prefill, then ``steps`` one-token steps.
 

@@ -29,7 +29,7 @@ from splitlearn_async.client._remote_training import (
 from splitlearn_async.client._training import TrunkState
 from splitlearn_async import OptimizerConfig, SplitTrainer, TrainingConfig
 from splitlearn_async.training import from_safetensors
-from tests.support.rpc import served
+from tests.support.rpc import load_adapter_bodies, served, unary, upload
 from tests.support.tiny_models import tiny_model
 from tests.support.training_reference import (
     SPLIT,
@@ -115,11 +115,13 @@ async def test_malformed_bodies_are_invalid_argument_and_the_server_carries_on()
                 (proto.METHOD_TRAIN_OPEN, pack({"kind": "open", "mode": "lora", "optimizer": {"lr": -1}})),
                 (proto.METHOD_BACKWARD, pack({"kind": "backward", "training_id": "x", "step_id": -3})),
                 (proto.METHOD_TRAIN_FORWARD, pack({"kind": "forward"})),
-                (proto.METHOD_LOAD_ADAPTER, proto.build_load_adapter("a", b"not safetensors")),
+                (proto.METHOD_LOAD_ADAPTER, load_adapter_bodies("a", b"not safetensors")),
             ]:
-                call = chan.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call(body)
+                    if isinstance(body, list):
+                        await upload(chan, method, body)
+                    else:
+                        await unary(chan, method, body)
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
                 assert err.value.details().endswith(".")
         async with RemoteTrunk(f"127.0.0.1:{server.port}") as remote:  # still serving

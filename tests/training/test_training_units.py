@@ -56,9 +56,13 @@ def test_settings_travel_as_maps():
 
 def test_training_messages_round_trip_and_refuse_bad_fields():
     h = torch.randn(2, 3, 8)
-    body = proto.build_train_open("lora", OptimizerConfig().to_wire(), LoraConfig().to_wire(), adapter_id="a-1", weights=b"xx")
+    blobs = proto.describe_blobs({"weights": b"xx", "optimizer_state": None})
+    body = proto.build_train_open(
+        "lora", OptimizerConfig().to_wire(), LoraConfig().to_wire(), adapter_id="a-1", blobs=blobs, chunk_bytes=1024
+    )
     req = proto.parse_train_open(body)
-    assert (req.mode, req.adapter_id, req.weights, req.optimizer_state) == ("lora", "a-1", b"xx", None)
+    assert (req.mode, req.adapter_id, req.blobs, req.chunk_bytes) == ("lora", "a-1", blobs, 1024)
+    assert [b.name for b in blobs] == ["weights"] and blobs[0].size == 2
     tid, inputs, keep = proto.parse_train_forward(
         proto.build_train_forward("t1", h, torch.ones(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3)), hidden_size=8
     )
