@@ -71,6 +71,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 256; 0 never cuts)",
     )
     parser.add_argument(
+        "--training-segment-layer-tokens",
+        type=int,
+        default=ServerConfig.training_segment_layer_tokens,
+        help="run training forwards and backwards in segments of whole layers, each at most this many "
+        "layer-tokens (batch tokens x layers, at least one layer), so decode steps run between them "
+        f"(default {ServerConfig.training_segment_layer_tokens}; 0 never cuts)",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=int,
         default=ServerConfig.max_message_bytes,
@@ -169,6 +177,7 @@ def serve_main(args: argparse.Namespace) -> int:
         batching=args.batching,
         max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
+        training_segment_layer_tokens=args.training_segment_layer_tokens or None,
     )
     trunk = load_stages(
         source, split, parts=("trunk",), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None)

@@ -78,6 +78,11 @@ class ServerConfig:
         max_lora_targets: Most module names in an adapter's ``target_modules``.
         max_adapter_elements: Most elements (``rank x (in + out)`` summed over the adapted
             layers) of one adapter, computed from the trunk's shapes before it is built.
+        training_segment_layer_tokens: A training forward or backward runs its layers in
+            segments of ``max(1, this // (B x T))`` whole layers (B x T: the step's tokens),
+            each a work item of its own, so that a decode step arriving meanwhile waits for
+            one segment, not for the whole step (the gradients are the same bit for bit).
+            ``None`` runs each forward or backward in one item.
 
     Every request is decoded within limits derived from these fields
     (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
@@ -112,6 +117,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_lora_targets: int = 16
     max_adapter_elements: int = 16 * 1024 * 1024
+    training_segment_layer_tokens: int | None = 256
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -185,6 +191,12 @@ class ServerConfig:
         _positive_int("max_lora_rank", self.max_lora_rank, "e.g. 64")
         _positive_int("max_lora_targets", self.max_lora_targets, "e.g. 16")
         _positive_int("max_adapter_elements", self.max_adapter_elements, "e.g. 16777216")
+        if self.training_segment_layer_tokens is not None:
+            _positive_int(
+                "training_segment_layer_tokens",
+                self.training_segment_layer_tokens,
+                "or None to run each training forward or backward in one work item",
+            )
 
     @property
     def decode_limits(self) -> DecodeLimits:
