@@ -153,12 +153,13 @@ class Stage(nn.Module):
         new_valid: torch.Tensor | None,  # (B, T)
         position_ids: torch.Tensor,  # (B, T)
         cache: KVCache | CacheGroup | None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         if self.num_layers == 0:
             return hidden
         if cache is None:
             return self._run_layer_stack(
-                hidden, position_ids, PlainContext(self.attn_kernel, hidden.shape[1], new_valid)
+                hidden, position_ids, PlainContext(self.attn_kernel, hidden.shape[1], new_valid), layers
             )
         if new_valid is None:  # a cache records the validity of every column it takes
             new_valid = torch.ones(hidden.shape[0], hidden.shape[1], dtype=torch.bool, device=hidden.device)
@@ -174,9 +175,15 @@ class Stage(nn.Module):
         group.commit()
         return hidden
 
-    def _run_layer_stack(self, hidden: torch.Tensor, position_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        pos_emb = self._position_embeddings(hidden, position_ids)
-        for idx, layer in self.iter_layers():
+    def _run_layer_stack(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        ctx: AttentionContext,
+        layers: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        pos_emb = self._position_embeddings(hidden, position_ids, layers)
+        for idx, layer in self.iter_layers(layers):
             kwargs: dict[str, Any] = {}
             if isinstance(pos_emb, dict):
                 kwargs["position_embeddings"] = pos_emb[self.config.layer_types[idx]]
@@ -191,16 +198,18 @@ class Stage(nn.Module):
             )  # (B, T, H)
         return hidden
 
-    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """The decoder layers with their indices in the full model, in order."""
-        for i in range(*self.layer_range):
+    def iter_layers(self, layers: tuple[int, int] | None = None) -> Iterator[tuple[int, nn.Module]]:
+        """The decoder layers with their indices in the full model, in order (only ``[a, b)`` if given)."""
+        for i in range(*(layers or self.layer_range)):
             yield i, self.layers[str(i)]
 
-    def _position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> PositionEmbeddings:
+    def _position_embeddings(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, layers: tuple[int, int] | None = None
+    ) -> PositionEmbeddings:
         if self.rotary is None:
             return None
         if self.family.rotary_by_layer_type:
-            types = sorted({self.config.layer_types[i] for i in range(*self.layer_range)})
+            types = sorted({self.config.layer_types[i] for i in range(*(layers or self.layer_range))})
             return {t: self.rotary(hidden, position_ids, t) for t in types}
         rotary: _Rotary = self.rotary(hidden, position_ids)
         return rotary
@@ -252,13 +261,39 @@ class TrunkStage(Stage):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | CacheGroup | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Run the trunk layers over ``hidden_states`` ``(B, T, hidden_size)``; returns the same shape."""
+        """Run the trunk layers over ``hidden_states`` ``(B, T, hidden_size)``; returns the same shape.
+
+        ``layers=(a, b)`` runs only the decoder layers ``a..b-1`` (full-model indices, within
+        :attr:`layer_range`) over the output of layer ``a - 1``, without a cache: a training
+        step cut into segments (see ``splitlearn_async.training``) runs the layers this way,
+        each segment one call, with the same operations as one call over all of them.
+
+        Raises:
+            ConfigError: ``layers`` is not a range within the trunk's, or comes with a cache.
+        """
+        if layers is not None:
+            self._check_segment(layers, cache)
         batch, length, _ = hidden_states.shape
         new_valid, position_ids = self._prepare(
             batch, length, attention_mask, position_ids, cache, hidden_states.device
         )
-        return self._run_layers(hidden_states, new_valid, position_ids, cache)
+        return self._run_layers(hidden_states, new_valid, position_ids, cache, layers)
+
+    def _check_segment(self, layers: tuple[int, int], cache: KVCache | CacheGroup | None) -> None:
+        start, end = self.layer_range
+        a, b = layers
+        if not start <= a < b <= end:
+            raise ConfigError(
+                f"layers={tuple(layers)} is not a non-empty range of this trunk's layers [{start}, {end}); "
+                "pass (a, b) with start <= a < b <= end."
+            )
+        if cache is not None:
+            raise ConfigError(
+                "a trunk call over some of its layers (layers=...) cannot take a KV cache: the cache "
+                "takes its new columns once per call; run cached calls over every layer."
+            )
 
 
 class TopStage(Stage):

@@ -87,6 +87,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 256; 0 never cuts)",
     )
     parser.add_argument(
+        "--training-segment-layer-tokens",
+        type=int,
+        default=ServerConfig.training_segment_layer_tokens,
+        help="run training forwards and backwards in segments of whole layers, each at most this many "
+        "layer-tokens (batch tokens x layers, at least one layer), so decode steps run between them "
+        f"(default {ServerConfig.training_segment_layer_tokens}; 0 never cuts)",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=int,
         default=ServerConfig.max_message_bytes,
@@ -225,6 +233,7 @@ def serve_main(args: argparse.Namespace) -> int:
         max_gather_wait_s=args.max_gather_wait_s,
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
         max_model_bytes=args.max_model_bytes,
+        training_segment_layer_tokens=args.training_segment_layer_tokens or None,
     )
     dtype, device = getattr(args, "dtype", None), getattr(args, "device", None)
     served: Any

@@ -89,6 +89,11 @@ class ServerConfig:
             refused at once with ``RESOURCE_EXHAUSTED``. Checkpoints travel in chunks, so
             this is independent of ``max_message_bytes``. The default (2 GiB) holds
             SmolLM2's whole trunk with its AdamW state (about 1 GB).
+        training_segment_layer_tokens: A training forward or backward runs its layers in
+            segments of ``max(1, this // (B x T))`` whole layers (B x T: the step's tokens),
+            each a work item of its own, so that a decode step arriving meanwhile waits for
+            one segment, not for the whole step (the gradients are the same bit for bit).
+            ``None`` runs each forward or backward in one item.
 
     Every request is decoded within limits derived from these fields
     (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
@@ -125,6 +130,7 @@ class ServerConfig:
     max_adapter_elements: int = 16 * 1024 * 1024
     max_model_bytes: int | None = None
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
+    training_segment_layer_tokens: int | None = 256
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -201,6 +207,12 @@ class ServerConfig:
         if self.max_model_bytes is not None:
             _positive_int("max_model_bytes", self.max_model_bytes, "e.g. 2147483648 (2 GiB), or None for no budget")
         _positive_int("max_checkpoint_bytes", self.max_checkpoint_bytes, "e.g. 2147483648 (2 GiB)")
+        if self.training_segment_layer_tokens is not None:
+            _positive_int(
+                "training_segment_layer_tokens",
+                self.training_segment_layer_tokens,
+                "or None to run each training forward or backward in one work item",
+            )
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -9,7 +9,8 @@ through the one status table (``server/_status.py``).
 
 Like the rest of the server, the event loop keeps the books and every torch operation runs
 on the server's one worker, interleaved with the inference sessions' steps: a training
-forward or backward is one work item, so a decode step waits behind at most the item
+forward or backward runs in layer segments, one work item each
+(``training_segment_layer_tokens``), so a decode step waits behind at most the segment
 running when it arrives. Memory is bounded: at most ``max_pending_steps`` graphs wait for
 their backward, each is freed after ``pending_step_ttl_s``, and an idle training session is
 closed after ``session_ttl_s``. Adapters stay loaded after their training session closes
@@ -88,6 +89,7 @@ class TrainingService:
             max_lora_rank=c.max_lora_rank,
             max_lora_targets=c.max_lora_targets,
             max_adapter_elements=c.max_adapter_elements,
+            segment_layer_tokens=c.training_segment_layer_tokens,
         )
         self.host = TrainingHost(server.trunk, server.worker.run, limits, clock)
         self.transfers = CheckpointTransfers(server)

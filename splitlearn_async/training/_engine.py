@@ -1,11 +1,11 @@
 """The trunk's trainer: one training session's trainable parameters and their optimizer.
 
 :class:`TrunkTrainer` holds the whole trunk, a LoRA adapter, or nothing as trainable
-parameters, with their optimizer. Its ``forward`` keeps the autograd graph; its
-``backward`` back-propagates the client's gradient of the trunk output through that very
-graph (no recomputation), accumulates the parameter gradients, optionally steps the
-optimizer, and returns the gradient of the trunk input. Its methods run on the torch
-worker thread only; the rules around them live in :mod:`._host`.
+parameters, with their optimizer, the gradients accumulated since its last step, and the
+session's saved state. The forward that keeps the autograd graph and the backward that
+back-propagates the client's gradient of the trunk output through that very graph (no
+recomputation) run layer segment by layer segment (:mod:`._segments`). Its methods run on
+the torch worker thread only; the rules around them live in :mod:`._host`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from splitlearn_async.errors import ConfigError
 
 from ..errors import CheckpointError, TrunkRejected
 from ._config import OptimizerConfig
-from ._lora import LoraAdapter, use_adapter
-from ._pending import StepGraph
+from ._lora import LoraAdapter
 from ._safetensors import to_safetensors
 
 __all__ = ["NonFiniteGradient", "TrunkTrainer", "serialize_state"]
@@ -74,124 +73,6 @@ class TrunkTrainer:
     def num_trainable(self) -> int:
         """Trainable elements."""
         return sum(p.numel() for p in self.params)
-
-    def evaluate(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
-    ) -> torch.Tensor:
-        """(worker) Run the trunk as this session trains it (adapter active), without a graph.
-
-        Returns:
-            ``(B, T, H)`` output on the CPU in ``hidden``'s dtype.
-        """
-        device = self.trunk.device
-        with torch.no_grad(), use_adapter(self.adapter):
-            out = self.trunk(
-                hidden.to(device=device, dtype=self.trunk.dtype),
-                None if attention_mask is None else attention_mask.to(device),
-                None if position_ids is None else position_ids.to(device),
-            )  # (B, T, H)
-        if not bool(torch.isfinite(out).all()):
-            raise ConfigError(
-                "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
-            )
-        result: torch.Tensor = out.to(device="cpu", dtype=hidden.dtype)
-        return result
-
-    def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, StepGraph]:
-        """(worker) Run the trunk keeping its graph.
-
-        Args:
-            hidden: ``(B, T, H)`` bottom output (any float dtype; cast to the trunk's).
-            attention_mask: ``(B, T)`` validity of the tokens, or None.
-            position_ids: ``(B, T)`` positions, or None.
-
-        Returns:
-            ``(out, graph)``: ``out`` ``(B, T, H)`` detached on the CPU in ``hidden``'s
-            dtype, and the :class:`StepGraph` to pass to :meth:`backward`.
-
-        Raises:
-            ValueError: the output holds NaN or infinity, or the shapes do not fit the trunk.
-        """
-        device, dtype = self.trunk.device, self.trunk.dtype
-        x = hidden.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)  # (B, T, H) leaf
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.device.type != "meta":
-                saved.setdefault(id(t.untyped_storage()), t.untyped_storage().nbytes())
-            return t
-
-        with (
-            torch.enable_grad(),
-            use_adapter(self.adapter),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
-            out = self.trunk(
-                x,
-                None if attention_mask is None else attention_mask.to(device),
-                None if position_ids is None else position_ids.to(device),
-            )  # (B, T, H), attached to the graph
-        if not bool(torch.isfinite(out.detach()).all()):
-            raise ConfigError(
-                "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
-            )
-        reply = out.detach().to(device="cpu", dtype=hidden.dtype)
-        return reply, StepGraph(x, out, sum(saved.values()))
-
-    def backward(self, graph: StepGraph, grad_output: torch.Tensor, apply: bool) -> torch.Tensor:
-        """(worker) Back-propagate ``grad_output`` through ``graph``; optionally step the optimizer.
-
-        The gradients are computed first and checked: only when the gradient of the trunk
-        input and every parameter's are finite are they accumulated (and the graph released).
-        Otherwise nothing changes, the graph is kept, and :class:`NonFiniteGradient` says so:
-        the step can be back-propagated again with a corrected gradient.
-
-        Args:
-            graph: The step's graph from :meth:`forward` (released after a backward that counts).
-            grad_output: ``(B, T, H)`` gradient of the loss w.r.t. the trunk output.
-            apply: Step the optimizer (and zero the gradients) after accumulating.
-
-        Returns:
-            ``(B, T, H)`` gradient w.r.t. the trunk input, on the CPU in ``grad_output``'s dtype.
-
-        Raises:
-            ValueError: the gradient's shape differs from the output's.
-            NonFiniteGradient: the gradients came out NaN or infinite (e.g. ``grad_output`` is
-                finite but too large for the trunk's dtype); the graph is kept.
-        """
-        if graph.outputs is None or graph.inputs is None:
-            raise ConfigError("this step's graph was already used or released")
-        if tuple(grad_output.shape) != graph.shape:
-            raise ConfigError(
-                f"grad_output has shape {list(grad_output.shape)} but the trunk output of this step has "
-                f"shape {list(graph.shape)}; send the gradient of the loss w.r.t. that output"
-            )
-        g = grad_output.to(device=graph.outputs.device, dtype=graph.outputs.dtype)
-        grads = torch.autograd.grad(
-            graph.outputs, [graph.inputs, *self.params], g, retain_graph=True, allow_unused=True
-        )
-        grad_in, param_grads = grads[0], grads[1:]
-        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
-            raise ConfigError("backward produced no gradient for the trunk input; the kept graph does not reach it")
-        if not all(t is None or bool(torch.isfinite(t).all()) for t in grads):
-            raise NonFiniteGradient(
-                f"the backward of training step {graph.step_id} gives NaN or infinite gradients (the grad_output "
-                "sent is finite but too large, or already wrong); nothing was accumulated and the step is kept: "
-                "send its Backward again with a finite, smaller gradient (e.g. scale the loss down)."
-            )
-        with torch.no_grad():
-            for p, grad in zip(self.params, param_grads, strict=True):
-                if grad is not None:  # as autograd accumulates: the first gradient, then the sum
-                    p.grad = grad if p.grad is None else p.grad + grad
-        graph.release()
-        self.micro_steps += 1
-        self.last_grad_norm_sq = self.grad_norm_sq()  # before a step zeroes them: for clipping across the cut
-        if apply:
-            self.optimizer_step()
-        result: torch.Tensor = grad_in.to(device="cpu", dtype=grad_output.dtype)
-        return result  # (B, T, H)
 
     def grad_norm_sq(self) -> float:
         """(worker) The squared L2 norm of the accumulated gradients of the trainable parameters."""

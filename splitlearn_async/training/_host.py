@@ -15,6 +15,7 @@ the event loop, between those calls. Replies can be built on the worker too: pas
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -31,9 +32,10 @@ from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
 from ._lora import LoraAdapter, lora_config_from_metadata
 from ._pending import PendingSteps
 from ._safetensors import from_safetensors, safetensors_metadata
+from ._segments import Layers, segment_bounds
 from ._state import TrunkState
 from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy, check_can_open, check_open_settings
-from ._work import adapter_from_bytes, backward_work, evaluate_work, forward_work, output
+from ._work import adapter_from_bytes, backward_steps, evaluate_steps, forward_steps, output
 
 __all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
 
@@ -215,21 +217,20 @@ class TrainingHost:
             TrunkRejected: the trunk refused the input (shapes, NaN or infinite output).
         """
         entry = self.entry(training_id)
+        inputs = (hidden, attention_mask, position_ids)
+        segments = self.segments(hidden)
+        check = functools.partial(self._check_still_open, entry, "forward")
         if not keep_graph:
             with busy(entry, self._clock):
-                result = await self._call(evaluate_work, entry.trainer, hidden, attention_mask, position_ids, build)
+                result = await evaluate_steps(self._call, entry.trainer, inputs, segments, build, check)
             return result, 0
         self.pending.expire()
         self.pending.check_room()
         step_id = self.pending.reserve()
         with busy(entry, self._clock):
-            result, graph = await self._call(
-                forward_work, entry.trainer, hidden, attention_mask, position_ids, build, step_id
-            )
-        if self.sessions.get(training_id) is not entry:
-            graph.release()
-            raise SessionNotFound(f"training session {training_id} was closed during this forward.")
+            result, graph = await forward_steps(self._call, entry.trainer, inputs, segments, build, step_id, check)
         try:
+            check()  # closed during the forward
             self.pending.add(training_id, graph, step_id)
         except SplitLearnError:
             graph.release()
@@ -272,14 +273,18 @@ class TrainingHost:
         if apply and others:
             raise PreconditionFailed(apply_blocked(others, "other "))
         self.pending.pop(training_id, step_id)
+        check = functools.partial(self._check_still_open, entry, "backward")
         try:
             with busy(entry, self._clock):
-                return await self._call(backward_work, entry.trainer, graph, grad_output, apply, build)
+                return await backward_steps(self._call, entry.trainer, graph, grad_output, apply, build, check)
         except NonFiniteGradient:
             if self.sessions.get(training_id) is entry:  # the graph is intact: the step may be sent again
                 self.pending.add(training_id, graph, step_id)
             else:
                 graph.release()
+            raise
+        except BaseException:  # the step is spent: its session closed, the call was cancelled or failed
+            graph.release()
             raise
 
     async def optimizer_step(self, training_id: str, *, scale: float = 1.0) -> int:
@@ -399,6 +404,15 @@ class TrainingHost:
         }
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def segments(self, hidden: torch.Tensor) -> list[Layers]:
+        """The layer segments a training call over ``hidden (B, T, H)`` runs in, one work item each."""
+        return segment_bounds(self.trunk.layer_range, hidden.shape[:2].numel(), self.limits.segment_layer_tokens)
+
+    def _check_still_open(self, entry: TrainingEntry, what: str) -> None:
+        """Raise :class:`SessionNotFound` if ``entry``'s session closed while a ``what`` of it ran."""
+        if self.sessions.get(entry.training_id) is not entry:
+            raise SessionNotFound(f"training session {entry.training_id} was closed during this {what}.")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the worker; an input the trunk refuses becomes :class:`TrunkRejected`."""

@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,12 +22,16 @@ class StepGraph:
     """The kept autograd graph of one training forward.
 
     Attributes:
-        inputs: ``(B, T, H)`` leaf tensor the trunk ran on (its ``.grad`` is the answer).
+        inputs: ``(B, T, H)`` leaf tensor the trunk ran on (its gradient is the answer).
         outputs: ``(B, T, H)`` trunk output still attached to the graph.
         nbytes: Bytes of the tensors autograd saved for the backward (activations).
         owner: The training session the step belongs to.
         step_id: Its id.
         created_s: Clock time of the forward.
+        segments: ``(input, output)`` of each layer segment the forward ran, in order
+            (``training._segments``): the input a leaf (the first is ``inputs``, the next
+            ones the previous output detached), the output attached to the segment's own
+            graph (the last is ``outputs``).
     """
 
     inputs: torch.Tensor | None
@@ -36,6 +40,7 @@ class StepGraph:
     owner: str = ""
     step_id: int = 0
     created_s: float = 0.0
+    segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -45,6 +50,7 @@ class StepGraph:
         """Drop the graph (frees the saved activations)."""
         self.inputs = None
         self.outputs = None
+        self.segments = []
         self.nbytes = 0
 
 

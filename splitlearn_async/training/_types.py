@@ -47,6 +47,11 @@ class TrainingLimits:
         max_lora_rank: Largest rank of an adapter, trained or loaded.
         max_lora_targets: Most names in an adapter's ``target_modules``.
         max_adapter_elements: Most elements of one adapter (``rank x (in + out)`` over its layers).
+        segment_layer_tokens: Most layer-tokens (tokens of the batch x decoder layers) one work
+            item of a training forward, evaluation or backward runs: the trunk's layers are cut
+            into segments of ``max(1, segment_layer_tokens // (B x T))`` whole layers, each one
+            item, so work queued meanwhile (decode steps) waits for one segment, not the whole
+            step; the gradients are the same bit for bit. None: the whole trunk in one item.
     """
 
     allow_full_training: bool = True
@@ -58,6 +63,15 @@ class TrainingLimits:
     max_lora_rank: int = 4096
     max_lora_targets: int = 64
     max_adapter_elements: int = 1 << 40
+    segment_layer_tokens: int | None = 256
+
+    def __post_init__(self) -> None:
+        value = self.segment_layer_tokens
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"TrainingLimits.segment_layer_tokens must be an int >= 1 or None, got {value!r}; "
+                "e.g. 256, or None to run a training step's layers in one work item."
+            )
 
 
 @dataclass(eq=False)
