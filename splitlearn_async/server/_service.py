@@ -34,7 +34,7 @@ from ._inference import InferenceService
 from ._metrics import NullMetrics, ServerMetrics
 from ._models import DEFAULT_MODEL, ModelSet, ModelSource, requested_model
 from ._sessions import SessionStore
-from ._status import cancel_and_wait, guarded, guarded_stream
+from ._status import cancel_and_wait, guarded, guarded_stream, guarded_upload
 from ._training import TrainingService
 
 if TYPE_CHECKING:
@@ -313,7 +313,9 @@ class AsyncGRPCComputeServer:
                 factory = (
                     grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
                 )
-                behaviour = guarded(self._routed_unary(name), what)
+                routed = self._routed_unary(name)
+                drain = self.config.max_checkpoint_bytes + self.config.max_message_bytes
+                behaviour = guarded_upload(routed, what, drain) if request_streaming else guarded(routed, what)
             handlers[name] = factory(behaviour, request_deserializer=_identity, response_serializer=_identity)
         return handlers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -13,7 +13,7 @@ import grpc
 from splitlearn_async.errors import StateError, WorkerDied, WorkerStopped
 from splitlearn_async.protocol.status import status_for
 
-__all__ = ["abort", "abort_for", "cancel_and_wait", "guarded", "guarded_stream", "sentence"]
+__all__ = ["abort", "abort_for", "cancel_and_wait", "guarded", "guarded_stream", "guarded_upload", "sentence"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,48 @@ def guarded(handler: Handler[Q], what: str) -> Handler[Q]:
             await abort_for(context, exc, what)
 
     return call
+
+
+#: How long :func:`guarded_upload` waits for each further message of a refused upload.
+DRAIN_IDLE_S = 1.0
+
+
+def guarded_upload(
+    handler: Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]],
+    what: str,
+    drain_bytes: int,
+) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]:
+    """A client-streaming ``handler`` with every error answered by :func:`abort_for`, after a drain.
+
+    A call refused while the client is still writing (a taken name, after the header) must
+    not end before the client has finished: gRPC would then sometimes end it with INTERNAL
+    ("Internal error from Core") instead of our status. So the rest of the stream is read
+    and dropped first -- at most ``drain_bytes``, each message within ``DRAIN_IDLE_S`` --
+    and only then is the call ended with the error's status and sentence. Nothing read is
+    kept or decoded.
+    """
+
+    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        try:
+            return await handler(requests, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _drain(requests, drain_bytes)
+            await abort_for(context, exc, what)
+
+    return call
+
+
+async def _drain(requests: AsyncIterator[bytes], limit: int) -> None:
+    """Read and drop the rest of ``requests``: until its end, ``limit`` bytes, or an idle second."""
+    seen = 0
+    with contextlib.suppress(Exception):  # a broken or cancelled stream: nothing more to drain
+        while seen <= limit:
+            body = await asyncio.wait_for(anext(requests, None), DRAIN_IDLE_S)
+            if body is None:
+                return
+            seen += len(body)
 
 
 async def guarded_stream(

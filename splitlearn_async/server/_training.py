@@ -42,7 +42,7 @@ from splitlearn_async.wire import field
 from ._checkpoints import CheckpointTransfers
 from ._context import ServerContext
 from ._sessions import Session
-from ._status import cancel_and_wait, guarded, guarded_stream
+from ._status import cancel_and_wait, guarded, guarded_stream, guarded_upload
 
 __all__ = ["TrainingService"]
 
@@ -112,8 +112,10 @@ class TrainingService:
             name: grpc.unary_unary_rpc_method_handler(guarded(fn, f"this {name} call"), **io)
             for name, fn in unary.items()
         }
+        drain = self.server.config.max_checkpoint_bytes + self.server.config.max_message_bytes
         for name, upload in uploads.items():
-            handlers[name] = grpc.stream_unary_rpc_method_handler(guarded(upload, f"this {name} call"), **io)
+            handler = guarded_upload(upload, f"this {name} call", drain)
+            handlers[name] = grpc.stream_unary_rpc_method_handler(handler, **io)
         handlers["TrainSave"] = grpc.unary_stream_rpc_method_handler(self._train_save, **io)
         return handlers
 
