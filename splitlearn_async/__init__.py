@@ -43,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "TrunkSession": "splitlearn_async.client",
     "TrunkChain": "splitlearn_async.client",
     "SamplingConfig": "splitlearn_async.models.decoding",
+    "Defense": "splitlearn_async.client",
+    "GaussianNoise": "splitlearn_async.client",
+    "DChiNoise": "splitlearn_async.client",
     # training
     "SplitTrainer": "splitlearn_async.client",
     "TrainingConfig": "splitlearn_async.training",
@@ -84,6 +87,9 @@ __all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 (the lazy names, l
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import ClientConfig as ClientConfig
+    from .client import DChiNoise as DChiNoise
+    from .client import Defense as Defense
+    from .client import GaussianNoise as GaussianNoise
     from .client import LocalTrunk as LocalTrunk
     from .client import RemoteTrunk as RemoteTrunk
     from .client import SplitPipeline as SplitPipeline

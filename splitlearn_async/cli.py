@@ -131,6 +131,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: i
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
+    parser.add_argument(
+        "--defense",
+        default=None,
+        metavar="gaussian:SIGMA|dchi:ETA",
+        help="noise on the hidden states before they leave the client: Gaussian with standard deviation SIGMA "
+        "per coordinate, or d_chi-privacy noise (density exp(-ETA |z|)); default none (README, 'Privacy at the cut')",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,6 +212,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .models.default import default_bundle
     from .server import ServerProcess
 
+    defense = _defense(args)
     bundle = default_bundle(args.split, progress=True)
     server = ServerProcess(bundle, extra_args=["--torch-threads", "1"])
     print("starting the trunk server ...", flush=True)
@@ -216,7 +224,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         print(f"trunk server: pid {server.pid} on {server.address} (layers {args.split[0]}..{args.split[1] - 1})")
         chat = [{"role": "user", "content": args.prompt}]
-        asyncio.run(_stream_answer(bundle, server.address, chat, args, client_config=None))
+        asyncio.run(_stream_answer(bundle, server.address, chat, args, client_config=None, defense=defense))
     finally:
         code = server.stop()
         server.close()
@@ -228,12 +236,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .client import ClientConfig
 
     config = ClientConfig(auth_token=args.token, tls_root_cert_file=args.tls_root_cert, wire_dtype=args.wire_dtype)
+    defense = _defense(args)
     prompt: Any = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    asyncio.run(_stream_answer(args.bundle, args.server, prompt, args, client_config=config))
+    asyncio.run(_stream_answer(args.bundle, args.server, prompt, args, client_config=config, defense=defense))
     return 0
 
 
-async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.Namespace, client_config: Any) -> None:
+def _defense(args: argparse.Namespace) -> Any:
+    """The defense that ``--defense`` names, or ``None``; raises ConfigError for a bad spec."""
+    if args.defense is None:
+        return None
+    from .client import defense_from_spec
+
+    return defense_from_spec(args.defense)
+
+
+async def _stream_answer(
+    bundle: Any, address: str, prompt: Any, args: argparse.Namespace, client_config: Any, defense: Any = None
+) -> None:
     """Load bottom and top, stream the answer from the trunk at ``address``, print tokens/s."""
     from .client import RemoteTrunk, SplitPipeline
     from .errors import MissingPartError
@@ -252,9 +272,11 @@ async def _stream_answer(bundle: Any, address: str, prompt: Any, args: argparse.
     shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     async with (
         RemoteTrunk(address, client_config, model=getattr(args, "server_model", None)) as trunk,
-        SplitPipeline(stages.bottom, trunk, stages.top, tokenizer=tokenizer) as pipeline,
+        SplitPipeline(stages.bottom, trunk, stages.top, tokenizer=tokenizer, defense=defense) as pipeline,
     ):
         ids, mask = pipeline.encode(prompt)
+        if defense is not None:
+            print(f"defense: {defense!r} on the hidden states sent to the trunk")
         print(f"user: {shown}\nassistant: ", end="", flush=True)
         started = time.perf_counter()
         first: float | None = None

@@ -96,3 +96,31 @@ def test_the_command_line_parser_imports_neither_torch_nor_gradio():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_generate_with_a_bad_defense_fails_in_one_line_before_connecting(capsys):
+    argv = ["generate", "--server", "127.0.0.1:1", "--bundle", "nowhere", "--defense", "gaussian:-1", "hello"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sigma must be a finite number >= 0" in err
+    assert main([*argv[:-3], "--defense", "noise:1", "hello"]) == 1
+    assert "'gaussian:SIGMA' or 'dchi:ETA'" in capsys.readouterr().err
+
+
+def test_generate_hands_its_defense_to_the_pipeline(monkeypatch):
+    from splitlearn_async import DChiNoise, GaussianNoise
+    from splitlearn_async import cli
+
+    seen = []
+
+    async def stream_answer(bundle, address, prompt, args, client_config, defense=None):
+        seen.append(defense)
+
+    monkeypatch.setattr(cli, "_stream_answer", stream_answer)
+    argv = ["generate", "--server", "127.0.0.1:1", "--bundle", "b", "hello"]
+    assert main(argv) == 0
+    assert main([*argv[:-1], "--defense", "dchi:250", "hello"]) == 0
+    assert main([*argv[:-1], "--defense", "gaussian:0.5", "hello"]) == 0
+    assert seen[0] is None
+    assert isinstance(seen[1], DChiNoise) and seen[1].eta == 250.0
+    assert isinstance(seen[2], GaussianNoise) and seen[2].sigma == 0.5

@@ -1,9 +1,10 @@
-"""The async client: trunks (local, remote, chained), the generation pipeline and the split trainer."""
+"""The async client: trunks (local, remote, chained), the generation pipeline, the split trainer and the defenses at the cut."""
 
 import typing
 
 from ._chain import TrunkChain
 from ._config import ClientConfig
+from ._defenses import DChiNoise, Defense, GaussianNoise, defense_from_spec
 from ._pipeline import SplitPipeline
 from ._pipeline_steps import StepTimings, StreamChunk
 from ._protocols import TrainableTrunk, Trunk
@@ -13,6 +14,9 @@ from ._trunk import LocalTrunk, LocalTrunkSession, TrunkSession
 
 __all__ = [
     "ClientConfig",
+    "DChiNoise",
+    "Defense",
+    "GaussianNoise",
     "LocalTrunk",
     "LocalTrunkSession",
     "RemoteTrunk",
@@ -25,6 +29,7 @@ __all__ = [
     "Trunk",
     "TrunkChain",
     "TrunkSession",
+    "defense_from_spec",
 ]
 
 if typing.TYPE_CHECKING:

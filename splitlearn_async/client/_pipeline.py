@@ -26,6 +26,7 @@ from ..models.cache import KVCache
 from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage
 from ..worker import StageWorker
+from ._defenses import Defense, check_defense
 from ._generation import GenerationCall
 from ._pipeline_steps import StepTimings, StreamChunk, TextDecoder, batch_length, bottom_steps, top_bottom_steps
 from ._protocols import Trunk
@@ -63,6 +64,12 @@ class SplitPipeline:
         adapter_id: Generate with this LoRA adapter of the trunk (trained with
             :class:`SplitTrainer` or loaded with ``trunk.load_adapter``); ``None`` uses the
             base weights.
+        defense: Applied to the bottom's output before every trunk call (prompt and decode
+            steps), e.g. ``GaussianNoise(sigma)`` or ``DChiNoise(eta)`` (``_defenses.py``);
+            ``None`` (the default) sends the bottom's output unchanged.
+
+    Raises:
+        ArgumentError: ``defense`` is not callable.
     """
 
     def __init__(
@@ -73,17 +80,19 @@ class SplitPipeline:
         tokenizer: Any = None,
         worker: StageWorker | None = None,
         adapter_id: str | None = None,
+        defense: Defense | None = None,
     ) -> None:
         self.bottom = bottom
         self.trunk = trunk
         self.top = top
         self.tokenizer = tokenizer
         self.adapter_id = adapter_id
+        self.defense = check_defense(defense)
         self._worker = worker
         self._owns_worker = worker is None
         # one batch function per stage, so concurrent streams' steps share a worker call
-        self._bottom_batch = functools.partial(bottom_steps, bottom)
-        self._step_batch = functools.partial(top_bottom_steps, top, bottom)
+        self._bottom_batch = functools.partial(bottom_steps, bottom, self.defense)
+        self._step_batch = functools.partial(top_bottom_steps, top, bottom, self.defense)
         self._closed = False
         self._trunk_checked = False
         self._streams = 0  # streams inside their decode loop
@@ -204,12 +213,18 @@ class SplitPipeline:
         next trunk step carries it, so the trunk reorders its cache before that step.
         """
         ids, mask, pos = state.prompt_inputs()  # (B, T) each
+        # the keys name the batch functions' stages and defense: only equal ones batch together
         started = time.perf_counter()
-        hidden = await worker.run_batched(
-            ("bottom", id(self.bottom), batch_length(ids.shape[1])), (ids, mask, pos, caches[0]), self._bottom_batch
-        )  # (B, T, H)
+        first = await worker.run_batched(
+            ("bottom", id(self.bottom), id(self.defense), batch_length(ids.shape[1])),
+            (ids, mask, pos, caches[0]),
+            self._bottom_batch,
+        )
         bottom_s = time.perf_counter() - started
-        key = ("step", id(self.top), id(self.bottom))
+        if isinstance(first, Exception):  # the defense failed for this stream
+            raise first
+        hidden: torch.Tensor = first  # (B, T, H)
+        key = ("step", id(self.top), id(self.bottom), id(self.defense))
         while True:
             self._stepping += 1
             try:

@@ -5,7 +5,8 @@ steps of all streams gather into one batch: :func:`bottom_steps` runs the prompt
 bottom, :func:`top_bottom_steps` one decode step (top, next tokens, bottom). Each stream
 keeps its own KV caches; a failure of one stream fails that stream only. In beam search,
 a stream's bottom and top caches are reordered by its new ``beam_idx`` between its
-choice and the bottom.
+choice and the bottom. A pipeline's defense (``_defenses.py``), if any, is applied to each
+stream's bottom output here, before it goes to the trunk.
 :class:`TextDecoder` turns the tokens into text on the event loop.
 """
 
@@ -20,6 +21,7 @@ import torch
 from ..models.cache import KVCache
 from ..models.decoding import Decoding
 from ..models.stages import BottomStage, TopStage, run_stage_batched
+from ._defenses import Defense
 
 __all__ = [
     "BottomCall",
@@ -89,17 +91,33 @@ StepCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, Decoding, KV
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[float, float]]
 
 
-def bottom_steps(bottom: BottomStage, calls: list[BottomCall]) -> list[torch.Tensor]:
+def bottom_steps(
+    bottom: BottomStage, defense: Defense | None, calls: list[BottomCall]
+) -> list[torch.Tensor | Exception]:
     """(worker) The bottom steps of several streams in one call.
 
-    Returns each stream's hidden states ``(B_i, T, H)``. Raises only if the call failed as a
-    whole, and then no cache has advanced (the worker retries each stream alone).
+    Returns each stream's hidden states ``(B_i, T, H)``, through ``defense`` if there is one
+    (or the exception the defense raised for that stream). Raises only if the bottom call
+    failed as a whole, and then no cache has advanced (the worker retries each stream alone).
     """
-    return run_stage_batched(bottom, calls)
+    hidden: list[torch.Tensor | Exception] = [*run_stage_batched(bottom, calls)]
+    return hidden if defense is None else [_defended(defense, h) for h in hidden]
 
 
-def top_bottom_steps(top: TopStage, bottom: BottomStage, calls: list[StepCall]) -> list[StepResult | Exception]:
-    """(worker) One decode step of several streams: top, next tokens, bottom, in one worker item.
+def _defended(defense: Defense, hidden: torch.Tensor | Exception) -> torch.Tensor | Exception:
+    """(worker) ``defense(hidden)``, or the exception it raised: the caches have advanced, so it must not escape."""
+    if isinstance(hidden, Exception):
+        return hidden
+    try:
+        return defense(hidden)
+    except Exception as exc:
+        return exc
+
+
+def top_bottom_steps(
+    top: TopStage, bottom: BottomStage, defense: Defense | None, calls: list[StepCall]
+) -> list[StepResult | Exception]:
+    """(worker) One decode step of several streams: top, next tokens, bottom (then ``defense``), in one worker item.
 
     Returns per stream its :data:`StepResult` or the exception that stream raised. Raises
     only if the top call itself failed (then no cache has advanced); once the top's caches
@@ -130,6 +148,7 @@ def top_bottom_steps(top: TopStage, bottom: BottomStage, calls: list[StepCall]) 
         hidden = _bottom_steps_alone_on_failure(bottom, bottom_calls)
         bottom_s = time.perf_counter() - started
         for (k, ids, mask, pos), h in zip(waiting, hidden, strict=True):
+            h = h if defense is None else _defended(defense, h)
             results[k] = h if isinstance(h, Exception) else (ids, mask, pos, h, (top_s, bottom_s))  # h: (B_i, 1, H)
     return results
 

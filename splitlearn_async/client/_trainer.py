@@ -29,6 +29,7 @@ from ..models.positions import prompt_positions
 from ..models.stages import BottomStage, TopStage
 from ..training import IGNORE_INDEX, TrainingConfig, causal_lm_loss
 from ..worker import StageWorker
+from ._defenses import Defense, check_defense
 from ._protocols import TrainableTrunk
 from ._training import TrainingSession
 
@@ -62,9 +63,13 @@ class SplitTrainer:
             :func:`causal_lm_loss`.
         worker: The worker thread for bottom and top; by default the trainer starts its own
             on first use and stops it in :meth:`aclose`.
+        defense: Applied to the bottom's output before every trunk forward (training and
+            :meth:`evaluate`), inside the bottom's autograd graph, e.g. ``GaussianNoise(sigma)``
+            or ``DChiNoise(eta)``; ``None`` (the default) sends the bottom's output unchanged.
 
     Raises:
         ConfigError: ``config`` is not a :class:`TrainingConfig`, or nothing would train.
+        ArgumentError: ``defense`` is not callable.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class SplitTrainer:
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         worker: StageWorker | None = None,
+        defense: Defense | None = None,
     ) -> None:
         config = TrainingConfig() if config is None else config
         if not isinstance(config, TrainingConfig):
@@ -85,6 +91,7 @@ class SplitTrainer:
         self.top = top
         self.config = config
         self.loss_fn = loss_fn or causal_lm_loss
+        self.defense = check_defense(defense)
         params: dict[int, torch.nn.Parameter] = {}
         for stage, wanted in ((bottom, config.train_bottom), (top, config.train_top)):
             if wanted:
@@ -257,6 +264,8 @@ class SplitTrainer:
         device = self.bottom.device
         with torch.set_grad_enabled(grad):
             hidden = self.bottom(ids.to(device), mask.to(device), positions.to(device))  # (B, T, H), with graph
+            if self.defense is not None:  # in the graph: the backward goes through it
+                hidden = self.defense(hidden)
         sent = hidden.detach().to("cpu")  # what crosses to the trunk
         return hidden, sent, mask, positions, labels
 
