@@ -144,3 +144,22 @@ def test_a_batch_of_mixed_lora_adapters_on_cuda_equals_each_session_alone():
         for x, p, c, out in zip(xs, pos, alone, outs):
             worst = max(worst, float((run_stage(trunk, x, None, p, c) - out).abs().max()))
     assert worst <= 1e-4
+
+
+async def test_a_training_step_in_one_layer_segments_on_cuda_equals_the_unsplit_step():
+    """Each training forward and backward cut into one-layer work items, on the GPU."""
+    from splitlearn_async.training import TrainingLimits
+
+    opt = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01)
+    model = tiny_model("qwen2")
+    reference = unsplit_step(clone_model(model), make_batch(), opt)
+    bottom, trunk, top = split_model(model, SPLIT)
+    trunk.to("cuda")
+    limits = TrainingLimits(allow_full_training=True, segment_layer_tokens=1)
+    async with LocalTrunk(trunk, training=limits) as local:
+        async with SplitTrainer(bottom, local, top, TrainingConfig(optimizer=opt, trunk="full")) as trainer:
+            loss = await trainer.step(make_batch())
+    assert abs(loss - reference.loss) <= 1e-4
+    updated = dict(reference.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert max_diff(p.cpu(), updated[name]) <= 1e-4, name
