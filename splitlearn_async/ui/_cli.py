@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 
 __all__ = ["add_ui_arguments", "ui_main"]
@@ -36,6 +37,10 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status-url", default=None, help="with --server: the server's status page, to link to")
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -60,6 +65,9 @@ def ui_main(args: argparse.Namespace) -> int:
     from ._backend import UIBackend
 
     torch.set_num_threads(1)  # the pipelines' workers set their own; no OpenMP team on this thread
+    # SIGTERM ends the page like Ctrl-C does: through the `finally` below, which stops the trunk
+    # server this command started (the default action would leave it running, orphaned)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     bundle = args.bundle or str(default_bundle((3, 27), progress=True))
     server: ServerProcess | None = None
     address, status_url = args.server, args.status_url

@@ -70,6 +70,11 @@ def ui(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # SIGTERM stopped the trunk server the UI started too: its status page is gone
+    with pytest.raises(OSError):
+        for _ in range(60):  # it drains first: up to --drain-s
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/status", timeout=5).read()
+            time.sleep(0.5)
 
 
 @pytest.fixture
