@@ -75,12 +75,21 @@ def test_privacy_quick(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "pinned to CPUs" in run.stdout
     report = json.loads(out.read_text())
-    assert [row["depth"] for row in report["rows"]] == [0, 1]
-    for row in report["rows"]:  # accuracies are shares of the test tokens, at most the ceiling
+    assert [(row["depth"], row["defense"]) for row in report["rows"]] == [(1, "none"), (1, "gaussian"), (1, "dchi")]
+    for row in report["rows"]:  # accuracies are shares of the client's tokens, at most the ceiling
         for key in ("linear_probe_accuracy", "mlp_decoder_accuracy"):
             assert 0.0 <= row[key] <= report["ceiling"] <= 1.0, (key, row)
-    assert report["train_tokens"] + report["test_tokens"] == report["tokens"]
+        assert row["held_out_loss"] > 0
+    plain, gaussian, dchi = report["rows"]
+    assert plain["mean_noise_norm"] == 0 and plain["parameter"] is None
+    for noised in (gaussian, dchi):  # level 1: the noise is about as large as the states themselves
+        assert 0.8 < noised["mean_noise_norm"] / noised["median_state_norm"] < 1.25, noised
+        assert noised["held_out_loss"] > plain["held_out_loss"]
+    (lora,) = report["lora"]
+    assert lora["defense"] == "gaussian" and lora["steps"] == 2 and lora["held_out_loss_after"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_models_quick():
