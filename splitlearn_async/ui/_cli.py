@@ -74,10 +74,10 @@ def ui_main(args: argparse.Namespace) -> int:
     if address is None:
         metrics_port = args.metrics_port or _free_port("127.0.0.1")
         server = ServerProcess(bundle, extra_args=["--torch-threads", "1", "--metrics-port", str(metrics_port)])
-        print("starting the trunk server ...", flush=True)
+        logger.info("starting the trunk server ...")
         server.start()
         address, status_url = server.address, f"http://127.0.0.1:{metrics_port}/status"
-        print(f"trunk server: pid {server.pid} on {address}; status page {status_url}", flush=True)
+        logger.info("trunk server: pid %d on %s; status page %s", server.pid, address, status_url)
     try:
         stages = load_stages(bundle, parts=("bottom", "top"))
         if stages.bottom is None or stages.top is None:  # pragma: no cover (load_stages raises first)
@@ -85,7 +85,7 @@ def ui_main(args: argparse.Namespace) -> int:
         dtype = str(stages.bottom.dtype).removeprefix("torch.")
         backend = UIBackend(address, stages, load_tokenizer(bundle), dtype, args.token, status_url)
         app = build_app(backend)
-        print(f"the page: http://{args.host}:{args.port}/", flush=True)
+        logger.info("the page: http://%s:%d/", args.host, args.port)
         app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True)
     finally:
         if server is not None:
