@@ -1,7 +1,7 @@
 """Privacy at the cut: how much of the client's text an inversion attack reads from the hidden
 states it sends, by cut depth, with and without the client's defenses, against the model's quality.
 
-    python benchmarks/privacy.py            # embedded SmolLM2, cuts after 1, 2, 3 and 6 layers (25-40 min on 2 shared cores)
+    python benchmarks/privacy.py            # embedded SmolLM2, cuts after 1, 2, 3 and 6 layers (6 min on 2 idle cores)
     python benchmarks/privacy.py --quick    # a tiny run for CI: checks that everything works
 
 The attacker is a server that knows the public model and the client's defense. It collects
