@@ -130,7 +130,7 @@ class ServerConfig:
     max_adapter_elements: int = 16 * 1024 * 1024
     max_model_bytes: int | None = None
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
-    training_segment_layer_tokens: int | None = 256
+    training_segment_layer_tokens: int | None = 128
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")

@@ -63,14 +63,14 @@ class TrainingLimits:
     max_lora_rank: int = 4096
     max_lora_targets: int = 64
     max_adapter_elements: int = 1 << 40
-    segment_layer_tokens: int | None = 256
+    segment_layer_tokens: int | None = 128
 
     def __post_init__(self) -> None:
         value = self.segment_layer_tokens
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(
                 f"TrainingLimits.segment_layer_tokens must be an int >= 1 or None, got {value!r}; "
-                "e.g. 256, or None to run a training step's layers in one work item."
+                "e.g. 128, or None to run a training step's layers in one work item."
             )
 
 
