@@ -10,7 +10,7 @@ the first one with the prompt and each next one with a decode step. ``LocalTrunk
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -91,7 +91,7 @@ class LocalTrunk:
         self._sessions: set[LocalTrunkSession] = set()
         self._training: set[LocalTrainingSession] = set()
         limits = training or TrainingLimits(max_pending_steps=max_pending_steps, pending_step_ttl_s=pending_step_ttl_s)
-        self.training = TrainingHost(trunk, self._run, limits)
+        self.training = TrainingHost(trunk, self._run, limits, run_batched=self._run_batched)
 
     @property
     def sessions_open(self) -> int:
@@ -111,6 +111,11 @@ class LocalTrunk:
         """Run ``fn(*args)`` on the trunk's worker thread (started on first use)."""
         worker = await self._ensure_worker()
         return await worker.run(fn, *args)
+
+    async def _run_batched(self, key: Hashable, item: Any, batch_fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
+        """Run ``item`` through ``batch_fn`` on the trunk's worker, batched with items of equal ``key``."""
+        worker = await self._ensure_worker()
+        return await worker.run_batched(key, item, batch_fn)
 
     async def open_session(self, adapter_id: str | None = None) -> LocalTrunkSession:
         """Open a session; its KV cache is created by the first ``forward``.

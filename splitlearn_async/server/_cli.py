@@ -95,6 +95,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {ServerConfig.training_segment_layer_tokens}; 0 never cuts)",
     )
     parser.add_argument(
+        "--training-batch-tokens",
+        type=int,
+        default=ServerConfig.training_batch_tokens,
+        help="run training forwards and backwards of different sessions (equal length) that wait together as "
+        "one batch of at most this many tokens, each row with its own LoRA adapter "
+        f"(default {ServerConfig.training_batch_tokens}; 0 runs each alone)",
+    )
+    parser.add_argument(
+        "--training-batch-wait",
+        type=float,
+        default=ServerConfig.training_batch_wait_s,
+        metavar="SECONDS",
+        help="how long a batched training forward's backward waits for its batch-mates' backwards, to run as "
+        f"one (default {ServerConfig.training_batch_wait_s}; 0 never waits)",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=int,
         default=ServerConfig.max_message_bytes,
@@ -234,6 +250,8 @@ def serve_main(args: argparse.Namespace) -> int:
         prefill_chunk_tokens=args.prefill_chunk_tokens or None,
         max_model_bytes=args.max_model_bytes,
         training_segment_layer_tokens=args.training_segment_layer_tokens or None,
+        training_batch_tokens=args.training_batch_tokens or None,
+        training_batch_wait_s=args.training_batch_wait,
     )
     dtype, device = getattr(args, "dtype", None), getattr(args, "device", None)
     served: Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,11 @@ def _positive_int(name: str, value: object, fix: str) -> None:
 def _positive_number(name: str, value: object, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"ServerConfig.{name} must be a number > 0, got {value!r}; {fix}.")
+
+
+def _non_negative_seconds(name: str, value: object, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"ServerConfig.{name} must be a number of seconds >= 0, got {value!r}; {fix}.")
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,12 @@ class ServerConfig:
             each a work item of its own, so that a decode step arriving meanwhile waits for
             one segment, not for the whole step (the gradients are the same bit for bit).
             ``None`` runs each forward or backward in one item.
+        training_batch_tokens: Training forwards (and evaluations) of different sessions
+            with equal ``T`` that wait together run as one batch of at most this many tokens
+            (``B x T`` summed), each row with its own session's LoRA adapter; their
+            backwards likewise when they wait together. ``None``: each runs alone.
+        training_batch_wait_s: How long the backward of a batched forward waits for its
+            batch-mates' backwards, to run as one (0: never waits).
 
     Every request is decoded within limits derived from these fields
     (:attr:`decode_limits`): no ``bin`` longer than ``max_message_bytes``, short strings,
@@ -131,6 +143,8 @@ class ServerConfig:
     max_model_bytes: int | None = None
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
     training_segment_layer_tokens: int | None = 128
+    training_batch_tokens: int | None = 1024
+    training_batch_wait_s: float = 0.05
 
     def __post_init__(self) -> None:
         _positive_int("max_sessions", self.max_sessions, "allow at least one session, e.g. 1024")
@@ -213,6 +227,11 @@ class ServerConfig:
                 self.training_segment_layer_tokens,
                 "or None to run each training forward or backward in one work item",
             )
+        if self.training_batch_tokens is not None:
+            _positive_int(
+                "training_batch_tokens", self.training_batch_tokens, "or None to run each training forward alone"
+            )
+        _non_negative_seconds("training_batch_wait_s", self.training_batch_wait_s, "e.g. 0.05, or 0 never to wait")
 
     @property
     def decode_limits(self) -> DecodeLimits:

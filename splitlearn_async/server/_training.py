@@ -90,8 +90,10 @@ class TrainingService:
             max_lora_targets=c.max_lora_targets,
             max_adapter_elements=c.max_adapter_elements,
             segment_layer_tokens=c.training_segment_layer_tokens,
+            batch_tokens=c.training_batch_tokens,
+            batch_wait_s=c.training_batch_wait_s,
         )
-        self.host = TrainingHost(server.trunk, server.worker.run, limits, clock)
+        self.host = TrainingHost(server.trunk, server.worker.run, limits, clock, server.worker.run_batched)
         self.transfers = CheckpointTransfers(server)
         self._sweeper: asyncio.Task[None] | None = None
 

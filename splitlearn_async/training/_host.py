@@ -15,12 +15,13 @@ the event loop, between those calls. Replies can be built on the worker too: pas
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import torch
@@ -32,10 +33,20 @@ from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
 from ._lora import LoraAdapter, lora_config_from_metadata
 from ._pending import PendingSteps
 from ._safetensors import from_safetensors, safetensors_metadata
-from ._segments import Layers, segment_bounds
+from ._segments import Member
 from ._state import TrunkState
-from ._types import Runner, TrainingEntry, TrainingLimits, apply_blocked, busy, check_can_open, check_open_settings
-from ._work import adapter_from_bytes, backward_steps, evaluate_steps, forward_steps, output
+from ._types import (
+    BatchedRunner,
+    Runner,
+    TrainingEntry,
+    TrainingLimits,
+    apply_blocked,
+    busy,
+    check_can_open,
+    check_open_settings,
+    one_by_one,
+)
+from ._work import adapter_from_bytes, backward_steps, forward_steps, output
 
 __all__ = ["Runner", "TrainingEntry", "TrainingHost", "TrainingLimits", "output"]
 
@@ -53,6 +64,9 @@ class TrainingHost:
         run: Runs a function on the trunk's torch worker thread (``StageWorker.run``).
         limits: The caps.
         clock: Monotonic clock in seconds.
+        run_batched: Runs items on that worker batched by key (``StageWorker.run_batched``),
+            so that training forwards and backwards of different sessions that wait together
+            run as one batch (``limits.batch_tokens``); None runs each alone.
     """
 
     def __init__(
@@ -61,10 +75,13 @@ class TrainingHost:
         run: Runner,
         limits: TrainingLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        run_batched: BatchedRunner | None = None,
     ) -> None:
         self.trunk = trunk
         self.limits = limits or TrainingLimits()
         self._run = run
+        self._batched = run_batched or one_by_one(run)
+        self._waiters: set[asyncio.Future[None]] = set()  # backwards waiting for their batch-mates
         self._clock = clock
         self.adapters = AdapterRegistry(self.limits.max_adapters)
         self.pending = PendingSteps(self.limits.max_pending_steps, self.limits.pending_step_ttl_s, clock)
@@ -166,6 +183,7 @@ class TrainingHost:
         if self.sessions.pop(training_id, None) is None:
             return False
         freed = self.pending.drop_owner(training_id)
+        self._graphs_changed()
         logger.info("training session %s closed (%d kept graphs freed)", training_id, freed)
         return True
 
@@ -217,18 +235,29 @@ class TrainingHost:
             TrunkRejected: the trunk refused the input (shapes, NaN or infinite output).
         """
         entry = self.entry(training_id)
-        inputs = (hidden, attention_mask, position_ids)
-        segments = self.segments(hidden)
         check = functools.partial(self._check_still_open, entry, "forward")
-        if not keep_graph:
-            with busy(entry, self._clock):
-                result = await evaluate_steps(self._call, entry.trainer, inputs, segments, build, check)
-            return result, 0
-        self.pending.expire()
-        self.pending.check_room()
-        step_id = self.pending.reserve()
+        step_id = 0
+        if keep_graph:
+            if self.pending.expire():
+                self._graphs_changed()
+            self.pending.check_room()
+            step_id = self.pending.reserve()
+        member = Member(entry.trainer, hidden, attention_mask, position_ids, build, step_id, training_id)
         with busy(entry, self._clock):
-            result, graph = await forward_steps(self._call, entry.trainer, inputs, segments, build, step_id, check)
+            result, graph = await self._rejecting(
+                forward_steps(
+                    self._batched,
+                    self._forward_key(entry, hidden, attention_mask, position_ids, keep_graph),
+                    member,
+                    trunk=self.trunk,
+                    layer_tokens=self.limits.segment_layer_tokens,
+                    batch_tokens=self.limits.batch_tokens,
+                    keep_graph=keep_graph,
+                    check=check,
+                )
+            )
+        if graph is None:
+            return result, 0
         try:
             check()  # closed during the forward
             self.pending.add(training_id, graph, step_id)
@@ -236,6 +265,31 @@ class TrainingHost:
             graph.release()
             raise
         return result, step_id
+
+    def _forward_key(
+        self,
+        entry: TrainingEntry,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        keep_graph: bool,
+    ) -> Any:
+        """The batch key of a forward's first item: forwards that may run as one batch share it.
+
+        Equal ``T`` and the same kind of call (with or without a graph, masks, positions).
+        A full-trunk session trains weights every row uses, so its forwards run alone; so do
+        all with ``batch_tokens`` None.
+        """
+        if self.limits.batch_tokens is None or entry.mode == "full":
+            return object()  # a key of its own
+        return (
+            "train-start",
+            id(self.trunk),
+            keep_graph,
+            int(hidden.shape[1]),
+            attention_mask is None,
+            position_ids is None,
+        )
 
     async def backward(
         self,
@@ -273,10 +327,14 @@ class TrainingHost:
         if apply and others:
             raise PreconditionFailed(apply_blocked(others, "other "))
         self.pending.pop(training_id, step_id)
+        self._graphs_changed()
         check = functools.partial(self._check_still_open, entry, "backward")
         try:
             with busy(entry, self._clock):
-                return await backward_steps(self._call, entry.trainer, graph, grad_output, apply, build, check)
+                await self._wait_for_batch_mates(training_id, graph)
+                return await self._rejecting(
+                    backward_steps(self._batched, entry.trainer, graph, grad_output, apply, build, check)
+                )
         except NonFiniteGradient:
             if self.sessions.get(training_id) is entry:  # the graph is intact: the step may be sent again
                 self.pending.add(training_id, graph, step_id)
@@ -371,7 +429,8 @@ class TrainingHost:
 
     def sweep(self) -> None:
         """Free graphs older than ``pending_step_ttl_s`` and sessions idle for ``session_ttl_s``."""
-        self.pending.expire()
+        if self.pending.expire():
+            self._graphs_changed()
         now = self._clock()
         for entry in list(self.sessions.values()):
             if entry.busy == 0 and now - entry.last_used_s > self.limits.session_ttl_s:
@@ -382,6 +441,7 @@ class TrainingHost:
         """Close every session and free every kept graph (adapters stay)."""
         self.pending.clear()
         self.sessions.clear()
+        self._graphs_changed()
 
     @property
     def pending_steps(self) -> int:
@@ -405,9 +465,50 @@ class TrainingHost:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def segments(self, hidden: torch.Tensor) -> list[Layers]:
-        """The layer segments a training call over ``hidden (B, T, H)`` runs in, one work item each."""
-        return segment_bounds(self.trunk.layer_range, hidden.shape[:2].numel(), self.limits.segment_layer_tokens)
+    async def _wait_for_batch_mates(self, training_id: str, graph: Any) -> None:
+        """Wait (up to ``batch_wait_s``) for the other sessions of a batched forward to send their backward.
+
+        Their backwards then run as one; without them, this one runs alone (see
+        ``training._segments.backward_segment``), so nobody waits longer than that.
+        """
+        run, wait_s = graph.run, self.limits.batch_wait_s
+        if run is None or len(run.members) < 2:
+            return
+        # The batch-mates this arrival woke submit their items first, then this one: the worker's
+        # gatherer, whose next step may already be queued on the loop, sees them all together.
+        await asyncio.sleep(0)
+        if wait_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while any(m.owner != training_id and self.pending.has(m.owner, m.step_id) for m in run.members):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            # A bare future, not wait_for: woken by _graphs_changed, this task runs before the worker
+            # gathers the item of the batch-mate that woke it, so their items meet in one batch.
+            woken: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(woken)
+            timer = loop.call_later(remaining, _resolve, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                self._waiters.discard(woken)
+
+    def _graphs_changed(self) -> None:
+        """Wake the backwards waiting for their batch-mates: a kept graph was taken or dropped."""
+        for woken in self._waiters:
+            _resolve(woken)
+
+    async def _rejecting(self, work: Awaitable[T]) -> T:
+        """Await ``work``; an input the trunk refuses (a torch ``ValueError``) becomes :class:`TrunkRejected`."""
+        try:
+            return await work
+        except SplitLearnError:
+            raise
+        except ValueError as exc:  # torch-level refusal: shapes, NaN or infinite values
+            raise TrunkRejected(str(exc).rstrip(".") + ".") from exc
 
     def _check_still_open(self, entry: TrainingEntry, what: str) -> None:
         """Raise :class:`SessionNotFound` if ``entry``'s session closed while a ``what`` of it ran."""
@@ -416,9 +517,9 @@ class TrainingHost:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the worker; an input the trunk refuses becomes :class:`TrunkRejected`."""
-        try:
-            return await self._run(fn, *args)
-        except SplitLearnError:
-            raise
-        except ValueError as exc:  # torch-level refusal: shapes, NaN or infinite values
-            raise TrunkRejected(str(exc).rstrip(".") + ".") from exc
+        return await self._rejecting(self._run(fn, *args))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -125,26 +125,33 @@ class RowAdapters:
         """``output`` plus each run's own adapter update on its rows of layer ``name``.
 
         Rows of the base weights, and of adapters that lack this layer, keep ``output``'s
-        values. Without autograd the update is added in place (no copy of the output); with
-        autograd, the result is assembled from the runs.
+        values. Without autograd the update is added in place (no copy of the output). With
+        autograd (a batch of training forwards), ``x`` and ``output`` are split into the
+        runs (one ``split``: its backward joins the gradients once, where row slices would
+        each make a gradient of the whole batch) and the result is joined from them.
         """
-        parts: list[tuple[int, int, torch.Tensor]] = []
-        for a, b, adapter in self.segments:
-            delta = adapter.delta(name, x[a:b])  # (b - a, ..., out)
-            if delta is not None:
-                parts.append((a, b, delta))
-        if not parts:
-            return output
         if not torch.is_grad_enabled():
-            for a, b, delta in parts:
-                output[a:b] += delta
+            for a, b, adapter in self.segments:
+                delta = adapter.delta(name, x[a:b])  # (b - a, ..., out)
+                if delta is not None:
+                    output[a:b] += delta
             return output
-        pieces, at = [], 0
-        for a, b, delta in parts:
-            pieces += [output[at:a], output[a:b] + delta]
+        runs: list[tuple[int, LoraAdapter | None]] = []  # (rows, adapter) covering the batch, in order
+        at = 0
+        for a, b, adapter in self.segments:
+            if a > at:
+                runs.append((a - at, None))
+            runs.append((b - a, adapter))
             at = b
-        pieces.append(output[at:])
-        return torch.cat(pieces)
+        if at < output.shape[0]:
+            runs.append((output.shape[0] - at, None))
+        sizes = [rows for rows, _ in runs]
+        pieces, changed = [], False
+        for (_, owner), xs, out in zip(runs, torch.split(x, sizes), torch.split(output, sizes), strict=True):
+            delta = None if owner is None else owner.delta(name, xs)
+            pieces.append(out if delta is None else out + delta)
+            changed = changed or delta is not None
+        return torch.cat(pieces) if changed else output
 
 
 def _is_linear(module: nn.Module) -> bool:

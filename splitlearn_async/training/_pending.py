@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,11 @@ class StepGraph:
             (``training._segments``): the input a leaf (the first is ``inputs``, the next
             ones the previous output detached), the output attached to the segment's own
             graph (the last is ``outputs``).
+        rows: This step's rows of ``segments`` when its forward ran batched with other
+            sessions' (their graphs are shared; ``outputs`` is then this step's rows of the
+            last); None when the forward ran alone.
+        run: The forward that made the graph (a ``training._segments.ForwardRun``), for a
+            backward that recomputes this step's rows alone; None when released.
     """
 
     inputs: torch.Tensor | None
@@ -41,16 +47,24 @@ class StepGraph:
     step_id: int = 0
     created_s: float = 0.0
     segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    rows: slice | None = None
+    run: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.outputs.shape) if self.outputs is not None else ()
+
+    @property
+    def batch_rows(self) -> int:
+        """How many rows of the forward's batch are this step's."""
+        return int(self.outputs.shape[0]) if self.outputs is not None else 0
 
     def release(self) -> None:
         """Drop the graph (frees the saved activations)."""
         self.inputs = None
         self.outputs = None
         self.segments = []
+        self.run = None
         self.nbytes = 0
 
 
@@ -119,6 +133,10 @@ class PendingSteps:
                 "forward again."
             )
         return graph
+
+    def has(self, owner: str, step_id: int) -> bool:
+        """Whether the graph of ``step_id`` of ``owner`` is kept (its backward has not started)."""
+        return (owner, step_id) in self._steps
 
     def pop(self, owner: str, step_id: int) -> StepGraph:
         """Remove and return the graph of ``step_id``; raises :class:`StepNotFound` like :meth:`get`."""

@@ -1,8 +1,8 @@
-"""A training forward or backward cut into layer segments, each one item on the torch worker.
+"""Training forwards and backwards on the worker: cut into layer segments, batched over sessions.
 
-A trunk's training forward over ``B x T`` tokens and all its layers can take longer than
-many decode steps; run as one work item, it would make every decode step that arrives
-meanwhile wait for all of it. So the trunk's layers are cut into segments of whole
+**Segments.** A trunk's training forward over ``B x T`` tokens and all its layers can take
+longer than many decode steps; run as one work item, it would make every decode step that
+arrives meanwhile wait for all of it. So the trunk's layers are cut into segments of whole
 layers (:func:`segment_bounds`), and each segment of a forward or a backward is a work
 item of its own: inference items queued meanwhile run between two segments, as they run
 between the chunks of a long prompt.
@@ -16,23 +16,39 @@ would have passed across that boundary in one graph, made by the same operations
 parameter gradients are checked and accumulated only once every segment has run, so a
 backward that gives NaN or infinity changes nothing, as before.
 
-Everything here runs on the worker thread; :mod:`._work` sends the segments there.
+**Batches of sessions.** Training forwards of different sessions that wait together (equal
+``T``) run as one :class:`ForwardRun` over their rows joined: each row runs with its own
+session's LoRA adapter (:class:`~._lora.RowAdapters`), and the segments' graphs are shared.
+Each session gets a :class:`~._pending.StepGraph` that names its rows. When every
+session of the batch sends its backward (the host waits up to ``batch_wait_s`` for them),
+the backwards run as one ``autograd.grad`` over the shared graph, segment by segment
+(:func:`backward_segment`), each session's gradient in its own rows and its own adapter's
+parameters. Backwards that come without all their batch-mates recompute their own rows'
+segment from the kept segment input and back-propagate that instead (the shared graph
+also holds the others' adapters, which may have stepped since): the same gradients within
+float rounding, for one more forward of their own rows. With the base trunk frozen, rows
+never mix: each session's gradients depend on its own rows only. Full-trunk sessions
+train weights every row uses, and always run alone.
+
+Everything here runs on the worker thread; :mod:`._work` sends the items there.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StateError
 from ._engine import NonFiniteGradient, TrunkTrainer
-from ._lora import use_adapter
+from ._lora import RowAdapters, use_adapter
 from ._pending import StepGraph
 
-__all__ = ["BackwardRun", "ForwardRun", "Layers", "evaluate_segment", "segment_bounds"]
+__all__ = ["BackwardRun", "ForwardRun", "Layers", "Member", "backward_segment", "segment_bounds"]
 
 #: The decoder layers ``(a, b)`` one segment runs (full-model indices); None: the whole trunk in one call.
 Layers = tuple[int, int] | None
@@ -54,39 +70,117 @@ def segment_bounds(layer_range: tuple[int, int], tokens: int, layer_tokens: int 
     return list(itertools.pairwise(cuts))
 
 
-class ForwardRun:
-    """(worker) One training forward in progress: its leaf input, the segments done, their graphs.
+@dataclass(eq=False)
+class Member:
+    """One session's forward in a :class:`ForwardRun`: its inputs, its trainer, its rows.
 
-    Args:
+    Attributes:
         trainer: The session's trainer.
         hidden: ``(B, T, H)`` bottom output (any float dtype; cast to the trunk's).
         attention_mask: ``(B, T)`` validity of the tokens, or None.
         position_ids: ``(B, T)`` positions, or None.
+        build: Called on the worker with ``(output (B, T, H) on the CPU, step_id)``.
+        step_id: The step's id (0 for an evaluation).
+        owner: The training session's id (the loop's books; the worker does not read it).
+        rows: This forward's rows of the run's batch (set by the run).
     """
 
-    def __init__(
-        self,
-        trainer: TrunkTrainer,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> None:
-        trunk = trainer.trunk
+    trainer: TrunkTrainer
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    build: Callable[[torch.Tensor, int], Any]
+    step_id: int = 0
+    owner: str = ""
+    rows: slice = field(default_factory=lambda: slice(None))
+
+
+def _join(parts: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """The ``(B, T)`` masks or positions of several forwards joined by rows (None if none has one)."""
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):  # the batch key keeps these apart
+        raise StateError("training forwards batched together must all have, or all lack, masks and positions")
+    return torch.cat([p.to(device) for p in parts if p is not None])
+
+
+class ForwardRun:
+    """(worker) A training forward (or an evaluation) of one or more sessions, segment by segment.
+
+    Args:
+        trunk: The :class:`TrunkStage`.
+        members: The sessions' forwards, in row order (one: exactly the unbatched forward).
+        layer_tokens: ``TrainingLimits.segment_layer_tokens`` (over the joined batch).
+        keep_graph: Keep each segment's graph for a backward; False runs without autograd.
+    """
+
+    def __init__(self, trunk: Any, members: Sequence[Member], layer_tokens: int | None, keep_graph: bool) -> None:
         device = trunk.device
-        self.trainer = trainer
-        self.reply_dtype = hidden.dtype
-        self.mask = None if attention_mask is None else attention_mask.to(device)
-        self.positions = None if position_ids is None else position_ids.to(device)
-        x = hidden.detach().to(device=device, dtype=trunk.dtype).clone().requires_grad_(True)  # (B, T, H) leaf
-        self.graph = StepGraph(x, None, 0)
+        self.trunk = trunk
+        self.members = list(members)
+        self.keep_graph = keep_graph
+        at = 0
+        for m in self.members:
+            m.rows = slice(at, at + m.hidden.shape[0])
+            at += m.hidden.shape[0]
+        hiddens = [m.hidden.detach().to(device=device, dtype=trunk.dtype) for m in self.members]
+        x = hiddens[0].clone() if len(hiddens) == 1 else torch.cat(hiddens)  # (sum B, T, H)
+        self.inputs: torch.Tensor | None = x.requires_grad_(True) if keep_graph else x
+        self.mask = _join([m.attention_mask for m in self.members], device)
+        self.positions = _join([m.position_ids for m in self.members], device)
+        adapters = [m.trainer.adapter for m in self.members]
+        self.adapter = (
+            adapters[0]
+            if len(self.members) == 1
+            else RowAdapters([(m.rows.start, m.rows.stop, a) for m, a in zip(self.members, adapters, strict=True)])
+        )
+        self.bounds = segment_bounds(trunk.layer_range, x.shape[:2].numel(), layer_tokens)
+        self.outputs: torch.Tensor | None = None
+        self.segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.next_segment = 0
+        self.nbytes = 0
+        self._finished = 0  # members whose output and graph were handed out
         self._saved: dict[int, int] = {}  # storage id -> bytes, over every segment (a boundary is counted once)
 
-    def segment(self, layers: Layers) -> None:
-        """(worker) Run one segment with autograd on the previous segment's output, detached."""
-        graph = self.graph
-        if graph.inputs is None:
+    @property
+    def done(self) -> bool:
+        """Whether every segment has run."""
+        return self.next_segment >= len(self.bounds)
+
+    def advance(self, index: int) -> None:
+        """(worker) Run segment ``index`` unless it ran already (each member's item asks for it).
+
+        Raises:
+            ConfigError: the run was released.
+        """
+        if index < self.next_segment:
+            return
+        if index != self.next_segment or self.done:
+            raise StateError(f"segment {index} asked of a forward at segment {self.next_segment}")
+        if self.inputs is None:
             raise ConfigError("this training forward was released (its session closed or the call was cancelled).")
-        x = graph.inputs if graph.outputs is None else graph.outputs.detach().requires_grad_(True)  # (B, T, H) leaf
+        if self.outputs is None:
+            x = self.inputs
+        else:
+            x = self.outputs.detach().requires_grad_(True) if self.keep_graph else self.outputs  # (B, T, H) leaf
+        layers = self.bounds[index]
+        with torch.set_grad_enabled(self.keep_graph), use_adapter(self.adapter), self._saving():  # type: ignore[arg-type]
+            out = self._call(x, self.mask, self.positions, layers)
+        if self.keep_graph:
+            self.segments.append((x, out))
+        self.outputs = out
+        self.next_segment += 1
+
+    def _call(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, layers: Layers) -> Any:
+        """(worker) The trunk over ``x (B, T, H)``: every layer, or those of one segment."""
+        if layers is None:
+            return self.trunk(x, mask, positions)
+        return self.trunk(x, mask, positions, layers=layers)
+
+    def _saving(self) -> Any:
+        """Count the bytes autograd saves for the backward (nothing without a graph)."""
+        if not self.keep_graph:
+            return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
         saved = self._saved
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -94,43 +188,54 @@ class ForwardRun:
                 saved.setdefault(id(t.untyped_storage()), t.untyped_storage().nbytes())
             return t
 
-        trunk = self.trainer.trunk
-        with (
-            torch.enable_grad(),
-            use_adapter(self.trainer.adapter),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
-            if layers is None:
-                out = trunk(x, self.mask, self.positions)  # (B, T, H), attached to the graph
-            else:
-                out = trunk(x, self.mask, self.positions, layers=layers)
-        graph.segments.append((x, out))
-        graph.outputs = out
-        graph.nbytes = sum(saved.values())
+        def unpack(t: torch.Tensor) -> torch.Tensor:
+            return t
 
-    def finish(self) -> tuple[torch.Tensor, StepGraph]:
-        """(worker) The output ``(B, T, H)`` on the CPU in the input's dtype, and the kept graph.
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def finish(self, member: Member) -> tuple[torch.Tensor, StepGraph | None]:
+        """(worker) ``member``'s output ``(B, T, H)`` on the CPU in its input's dtype, and its graph.
+
+        The graph (None for an evaluation) names the member's rows of the shared segments.
 
         Raises:
-            ConfigError: the output holds NaN or infinite values.
+            ConfigError: the member's output holds NaN or infinite values.
         """
-        out = self.graph.outputs
-        if out is None:
+        if self.outputs is None or not self.done:
             raise ConfigError("this training forward was released (its session closed or the call was cancelled).")
+        self._finished += 1
+        try:
+            return self._hand_out(member, self.outputs)
+        finally:
+            if self._finished == len(self.members):  # from now on the members' graphs alone hold the tensors
+                self.release()
+
+    def _hand_out(self, member: Member, outputs: torch.Tensor) -> tuple[torch.Tensor, StepGraph | None]:
+        alone = len(self.members) == 1
+        out = outputs if alone else outputs[member.rows]  # (B, T, H)
         if not bool(torch.isfinite(out.detach()).all()):
             raise ConfigError(
                 "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
             )
-        return out.detach().to(device="cpu", dtype=self.reply_dtype), self.graph
+        reply = out.detach().to(device="cpu", dtype=member.hidden.dtype)
+        if not self.keep_graph:
+            return reply, None
+        self.nbytes = sum(self._saved.values())
+        share = self.nbytes * member.hidden.shape[0] // outputs.shape[0]
+        graph = StepGraph(self.inputs, out, share, segments=self.segments, rows=None if alone else member.rows)
+        graph.run = self
+        return reply, graph
 
     def release(self) -> None:
         """Drop what the segments kept (any thread: it only drops references)."""
-        self.graph.release()
+        self.inputs = None
+        self.outputs = None
+        self.segments = []
         self._saved = {}
 
 
 class BackwardRun:
-    """(worker) One backward in progress through a kept graph, from its last segment down.
+    """(worker) One session's backward in progress through its kept graph, from the last segment down.
 
     Args:
         trainer: The session's trainer.
@@ -151,32 +256,27 @@ class BackwardRun:
         """Whether every segment has run."""
         return self.next_segment < 0
 
-    def segment(self) -> None:
-        """(worker) Back-propagate through the next segment down; nothing is accumulated yet.
+    def check(self) -> None:
+        """(worker) Raise ConfigError if the graph was used or released."""
+        if self.graph.outputs is None or self.grad is None or self.next_segment < 0:
+            raise ConfigError("this step's graph was already used or released")
+
+    def take(self, grad_in: torch.Tensor, param_grads: Sequence[torch.Tensor | None]) -> None:
+        """(worker) One segment's results: check them, then step down a segment.
 
         Raises:
-            ConfigError: the graph was released, or does not reach the segment's input.
+            ConfigError: no gradient reached the segment's input (the graph was broken).
             NonFiniteGradient: the gradients came out NaN or infinite; nothing changed.
         """
-        graph, index = self.graph, self.next_segment
-        if graph.outputs is None or self.grad is None or index < 0:
-            raise ConfigError("this step's graph was already used or released")
-        x, out = graph.segments[index]
-        g = self.grad.to(device=out.device, dtype=out.dtype)
-        params = self.trainer.params
-        grads = torch.autograd.grad(out, [x, *params], g, retain_graph=True, allow_unused=True)
-        grad_in, param_grads = grads[0], grads[1:]
-        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
-            raise ConfigError("backward produced no gradient for the trunk input; the kept graph does not reach it")
-        if not all(t is None or bool(torch.isfinite(t).all()) for t in grads):
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in (grad_in, *param_grads)):
             raise NonFiniteGradient(
-                f"the backward of training step {graph.step_id} gives NaN or infinite gradients (the grad_output "
-                "sent is finite but too large, or already wrong); nothing was accumulated and the step is kept: "
-                "send its Backward again with a finite, smaller gradient (e.g. scale the loss down)."
+                f"the backward of training step {self.graph.step_id} gives NaN or infinite gradients (the "
+                "grad_output sent is finite but too large, or already wrong); nothing was accumulated and the "
+                "step is kept: send its Backward again with a finite, smaller gradient (e.g. scale the loss down)."
             )
         self._param_grads.append(param_grads)
         self.grad = grad_in
-        self.next_segment = index - 1
+        self.next_segment -= 1
 
     def finish(self, apply: bool) -> torch.Tensor:
         """(worker) Accumulate every segment's parameter gradients, release the graph, maybe step.
@@ -203,34 +303,79 @@ class BackwardRun:
         return result  # (B, T, H)
 
 
-def evaluate_segment(
-    trainer: TrunkTrainer,
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    layers: Layers,
-    last: bool,
-    reply_dtype: torch.dtype,
-) -> torch.Tensor:
-    """(worker) One segment of a forward without a graph, as the session trains the trunk (adapter active).
+def backward_segment(runs: Sequence[BackwardRun]) -> list[BaseException | None]:
+    """(worker) Back-propagate backwards of one forward through their next segment, together.
 
-    Returns:
-        ``(B, T, H)``: on the trunk's device for the next segment, or after the ``last`` one on
-        the CPU in ``reply_dtype``.
+    ``runs`` share one :class:`ForwardRun` and stand at the same segment. Each run's
+    outcome is None (it stepped down a segment) or the error it alone gets (its
+    gradients are not finite; nothing of it changed).
 
     Raises:
-        ConfigError: the last segment's output holds NaN or infinite values.
+        ConfigError: a graph was used or released, or does not reach its segment's input.
     """
-    trunk = trainer.trunk
-    device = trunk.device
-    mask = None if attention_mask is None else attention_mask.to(device)
-    positions = None if position_ids is None else position_ids.to(device)
-    x = hidden.to(device=device, dtype=trunk.dtype)
-    with torch.no_grad(), use_adapter(trainer.adapter):
-        out = trunk(x, mask, positions) if layers is None else trunk(x, mask, positions, layers=layers)  # (B, T, H)
-    if last and not bool(torch.isfinite(out).all()):
-        raise ConfigError(
-            "the trunk's output holds NaN or infinite values for this input; check the hidden states sent"
+    for run in runs:
+        run.check()
+    graph, index = runs[0].graph, runs[0].next_segment
+    if any(r.next_segment != index or r.graph.run is not graph.run for r in runs):
+        raise StateError("backwards batched together must stand at the same segment of one forward")
+    x, out = graph.segments[index]
+    total = out.shape[0]
+    present = sum(r.graph.batch_rows for r in runs)
+    params = [p for r in runs for p in r.trainer.params]
+    grads: Sequence[torch.Tensor | None]
+    grad_ins: list[torch.Tensor | None]
+    if len(runs) == 1 and graph.rows is None:  # a forward of one session: exactly its own graph
+        grads = torch.autograd.grad(
+            out,
+            [x, *params],
+            runs[0].grad.to(device=out.device, dtype=out.dtype),  # type: ignore[union-attr]
+            retain_graph=True,
+            allow_unused=True,
         )
-    result: torch.Tensor = out.to(device="cpu", dtype=reply_dtype) if last else out
-    return result
+        grad_ins = [grads[0]]
+    elif present == total:  # every session of the forward: one backward through the shared graph
+        g = torch.empty_like(out)  # (sum B, T, H)
+        for r in runs:
+            g[r.graph.rows] = r.grad.to(device=out.device, dtype=out.dtype)  # type: ignore[union-attr]
+        grads = torch.autograd.grad(out, [x, *params], g, retain_graph=True, allow_unused=True)
+        grad_ins = [grads[0][r.graph.rows] for r in runs]
+    else:  # some are not here (or were done, and stepped their adapters): recompute these rows alone
+        grads, grad_ins = _recomputed(runs, x, index, params)
+    outcomes: list[BaseException | None] = []
+    at = 1
+    for r, grad_in in zip(runs, grad_ins, strict=True):
+        if grad_in is None:  # the input is a leaf of the graph, so this means the graph was broken
+            raise ConfigError("backward produced no gradient for the trunk input; the kept graph does not reach it")
+        count = len(r.trainer.params)
+        try:
+            r.take(grad_in, grads[at : at + count])
+            outcomes.append(None)
+        except NonFiniteGradient as exc:
+            outcomes.append(exc)
+        at += count
+    return outcomes
+
+
+def _recomputed(
+    runs: Sequence[BackwardRun], x: torch.Tensor, index: int, params: list[torch.Tensor]
+) -> tuple[Sequence[torch.Tensor | None], list[torch.Tensor | None]]:
+    """(worker) ``autograd.grad`` of ``runs``' rows of segment ``index``, run again over those rows only."""
+    forward: ForwardRun = runs[0].graph.run
+    rows = [r.graph.rows for r in runs]
+    mine = torch.cat([x[s] for s in rows]).detach().requires_grad_(True)  # (sum B of runs, T, H)
+    mask = None if forward.mask is None else torch.cat([forward.mask[s] for s in rows])
+    positions = None if forward.positions is None else torch.cat([forward.positions[s] for s in rows])
+    adapters, at = [], 0
+    for r in runs:
+        size = r.graph.batch_rows
+        adapters.append((at, at + size, r.trainer.adapter))
+        at += size
+    with torch.enable_grad(), use_adapter(RowAdapters(adapters)):  # type: ignore[arg-type]
+        out = forward._call(mine, mask, positions, forward.bounds[index])
+    g = torch.cat([r.grad.to(device=out.device, dtype=out.dtype) for r in runs])  # type: ignore[union-attr]
+    grads = torch.autograd.grad(out, [mine, *params], g, allow_unused=True)
+    sizes = [r.graph.batch_rows for r in runs]
+    grad_ins: list[torch.Tensor | None] = (
+        list(torch.split(grads[0], sizes)) if grads[0] is not None else [None] * len(runs)
+    )
+    return grads, grad_ins

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -13,6 +13,7 @@ from ._config import TRUNK_MODES, check_adapter_id
 from ._engine import TrunkTrainer
 
 __all__ = [
+    "BatchedRunner",
     "Runner",
     "TrainingEntry",
     "TrainingLimits",
@@ -20,6 +21,7 @@ __all__ = [
     "busy",
     "check_can_open",
     "check_open_settings",
+    "one_by_one",
 ]
 
 T = TypeVar("T")
@@ -29,6 +31,23 @@ class Runner(Protocol):
     """Runs ``fn(*args)`` on the trunk's torch worker thread: ``StageWorker.run``."""
 
     def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+class BatchedRunner(Protocol):
+    """Runs ``item`` through ``batch_fn`` with the other items waiting under ``key``: ``StageWorker.run_batched``."""
+
+    def __call__(
+        self, key: Hashable, item: Any, batch_fn: Callable[[list[Any]], Sequence[Any]], /
+    ) -> Awaitable[Any]: ...
+
+
+def one_by_one(run: Runner) -> BatchedRunner:
+    """A :class:`BatchedRunner` that runs every item alone through ``run``: ``batch_fn([item])[0]``."""
+
+    async def batched(key: Hashable, item: Any, batch_fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
+        return await run(lambda: batch_fn([item])[0])
+
+    return batched
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,15 @@ class TrainingLimits:
             into segments of ``max(1, segment_layer_tokens // (B x T))`` whole layers, each one
             item, so work queued meanwhile (decode steps) waits for one segment, not the whole
             step; the gradients are the same bit for bit. None: the whole trunk in one item.
+        batch_tokens: Most tokens (``B x T``, summed) of the training forwards (or
+            evaluations) of different sessions that run as one batch: forwards with equal
+            ``T`` that wait together run their segments as one call, each row with its own
+            session's adapter, and their backwards likewise when they wait together. None:
+            each forward runs alone. Full-trunk sessions always run alone.
+        batch_wait_s: How long the backward of a batched forward waits for the other
+            sessions of its batch to send theirs, so that they run as one backward; one
+            that does not come in time costs nothing but this wait (the backward then runs
+            on its own rows). 0 never waits.
     """
 
     allow_full_training: bool = True
@@ -64,8 +92,19 @@ class TrainingLimits:
     max_lora_targets: int = 64
     max_adapter_elements: int = 1 << 40
     segment_layer_tokens: int | None = 128
+    batch_tokens: int | None = 1024
+    batch_wait_s: float = 0.05
 
     def __post_init__(self) -> None:
+        tokens = self.batch_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ConfigError(
+                f"TrainingLimits.batch_tokens must be an int >= 1 or None, got {tokens!r}; "
+                "e.g. 1024, or None to run each session's training forwards alone."
+            )
+        wait = self.batch_wait_s
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < math.inf:
+            raise ConfigError(f"TrainingLimits.batch_wait_s must be a number of seconds >= 0, got {wait!r}.")
         value = self.segment_layer_tokens
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(

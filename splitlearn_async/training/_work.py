@@ -1,31 +1,41 @@
-"""The training host's work on the torch worker thread: a step, segment by segment, and its reply.
+"""The training host's work on the torch worker thread: a step, segment by segment, batched over sessions.
 
 A forward, an evaluation or a backward runs as one work item per layer segment
 (:mod:`._segments`); the coroutines here send them to the worker one after another, so
-the items other callers queued meanwhile (decode steps) run between two segments. The
-reply is built on the worker, in the last segment's item. Between segments ``check``
-raises if the training session closed meanwhile; the segments' state is then dropped.
+the items other callers queued meanwhile (decode steps) run between two segments.
+
+Every item is a batched item (``StageWorker.run_batched``). The first item of forwards
+that wait together under one key (same trunk, same ``T``, same kind) forms one or more
+:class:`~._segments.ForwardRun` over their sessions' rows, up to ``batch_tokens`` tokens
+each; the next items of a run share a key of their own, and whichever of its sessions'
+items runs first runs the segment for all of them. Backwards of one run at the same
+segment share a key too, so those that wait together run as one backward. A session's
+result comes back to its own coroutine; an error of one session's rows (NaN output,
+non-finite gradients) is that session's alone.
+
+The reply is built on the worker, in the last segment's item. Between segments
+``check`` raises if the training session closed meanwhile; the session's part of the
+segments' state is then dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from ..errors import StateError
 from ._engine import TrunkTrainer
 from ._lora import LoraAdapter
 from ._pending import StepGraph
 from ._safetensors import from_safetensors
-from ._segments import BackwardRun, ForwardRun, Layers, evaluate_segment
-from ._types import Runner
+from ._segments import BackwardRun, ForwardRun, Member, backward_segment
+from ._types import BatchedRunner
 
-__all__ = ["adapter_from_bytes", "backward_steps", "evaluate_steps", "forward_steps", "output"]
+__all__ = ["adapter_from_bytes", "backward_steps", "forward_steps", "output"]
 
 R = TypeVar("R")
-Build = Callable[[torch.Tensor, int], Any]
 
 
 def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
@@ -33,98 +43,132 @@ def output(tensor: torch.Tensor, _: int) -> torch.Tensor:
     return tensor
 
 
-async def forward_steps(
-    call: Runner,
-    trainer: TrunkTrainer,
-    inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    segments: Sequence[Layers],
-    build: Callable[[torch.Tensor, int], R],
-    step_id: int,
-    check: Callable[[], None],
-) -> tuple[R, StepGraph]:
-    """Run a training forward over ``inputs`` (hidden ``(B, T, H)``, mask, positions) keeping its graph.
+@dataclass(frozen=True)
+class _Failed:
+    """One item's error, handed back as its result (the others of the batch go on)."""
 
-    Returns:
-        ``(build(output, step_id), graph)``.
-    """
-    run: ForwardRun | None = None
-    try:
-        for i, layers in enumerate(segments):
-            if i:
-                check()
-            last = i == len(segments) - 1
-            ran, reply = await call(_forward_item, run, trainer, inputs, layers, last, build, step_id)
-            run = ran
-            if last:
-                result: R = reply
-                return result, ran.graph
-    except BaseException:
-        if run is not None:
-            run.release()
-        raise
-    raise StateError("a training forward needs at least one layer segment")  # pragma: no cover
+    error: BaseException
 
 
-def _forward_item(
-    run: ForwardRun | None,
-    trainer: TrunkTrainer,
-    inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    layers: Layers,
-    last: bool,
-    build: Build,
-    step_id: int,
-) -> tuple[ForwardRun, Any]:
-    """(worker) One segment of a forward (the first makes the run); the last also builds the reply."""
-    if run is None:
-        run = ForwardRun(trainer, *inputs)
-    try:
-        run.segment(layers)
-        if not last:
-            return run, None
-        out, _ = run.finish()  # (B, T, H) on the CPU
-        return run, build(out, step_id)
-    except BaseException:
-        run.release()
-        raise
-
-
-async def evaluate_steps(
-    call: Runner,
-    trainer: TrunkTrainer,
-    inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    segments: Sequence[Layers],
-    build: Callable[[torch.Tensor, int], R],
-    check: Callable[[], None],
-) -> R:
-    """Run the trunk over ``inputs`` as the session trains it, without a graph; ``build(output, 0)``."""
-    hidden, mask, positions = inputs
-    out: Any = hidden
-    for i, layers in enumerate(segments):
-        if i:
-            check()
-        last = i == len(segments) - 1
-        out = await call(_evaluate_item, trainer, out, mask, positions, layers, last, hidden.dtype, build)
-    result: R = out
+def _unwrap(result: Any) -> Any:
+    if isinstance(result, _Failed):
+        raise result.error
     return result
 
 
-def _evaluate_item(
-    trainer: TrunkTrainer,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    layers: Layers,
-    last: bool,
-    reply_dtype: torch.dtype,
-    build: Build,
-) -> Any:
-    """(worker) One segment of an evaluation; the last builds the reply from the output."""
-    out = evaluate_segment(trainer, hidden, mask, positions, layers, last, reply_dtype)  # (B, T, H)
-    return build(out, 0) if last else out
+#: (run, next segment to ask for, (reply, graph) once the forward is done)
+_Progress = tuple[ForwardRun, int, tuple[Any, StepGraph | None] | None]
+
+
+async def forward_steps(
+    batched: BatchedRunner,
+    key: Hashable,
+    member: Member,
+    *,
+    trunk: Any,
+    layer_tokens: int | None,
+    batch_tokens: int | None,
+    keep_graph: bool,
+    check: Callable[[], None],
+) -> tuple[Any, StepGraph | None]:
+    """Run a training forward (``keep_graph``) or an evaluation of ``member``, maybe with other sessions'.
+
+    Args:
+        batched: Runs items on the worker, batched by key.
+        key: The first item's batch key: forwards that may run as one batch share it.
+        member: The session's inputs, trainer and ``build``.
+        trunk: The trunk stage.
+        layer_tokens: ``TrainingLimits.segment_layer_tokens``.
+        batch_tokens: ``TrainingLimits.batch_tokens``.
+        keep_graph: Keep the graph for a backward (False: evaluate).
+        check: Raises if the session closed meanwhile (between segments).
+
+    Returns:
+        ``(build(output, step_id), graph)``; the graph is None for an evaluation.
+    """
+    start = _Start(trunk, layer_tokens, batch_tokens, keep_graph)
+    run: ForwardRun | None = None
+    try:
+        run, index, finished = _unwrap(await batched(key, member, start))
+        while finished is None:
+            check()
+            run, index, finished = _unwrap(
+                await batched(("train-segment", id(run), index), (run, index, member), _segment)
+            )
+        done: tuple[Any, StepGraph | None] = finished
+        return done
+    except BaseException:
+        if run is not None and len(run.members) == 1:  # others' rows stay theirs
+            run.release()
+        raise
+
+
+@dataclass(frozen=True)
+class _Start:
+    """(worker) The batch function of forwards' first items: form the runs, run their first segment."""
+
+    trunk: Any
+    layer_tokens: int | None
+    batch_tokens: int | None
+    keep_graph: bool
+
+    def __call__(self, members: list[Member]) -> list[_Progress | _Failed]:
+        results: dict[int, _Progress | _Failed] = {}
+        for group in _groups(members, self.batch_tokens):
+            try:
+                run = ForwardRun(self.trunk, [members[i] for i in group], self.layer_tokens, self.keep_graph)
+                run.advance(0)
+            except Exception as exc:
+                results.update((i, _Failed(exc)) for i in group)
+                continue
+            results.update((i, _progress(run, members[i])) for i in group)
+        return [results[i] for i in range(len(members))]
+
+
+def _groups(members: Sequence[Member], batch_tokens: int | None) -> list[list[int]]:
+    """Members, in order, cut into runs of at most ``batch_tokens`` tokens, one step per trainer each."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for i, m in enumerate(members):
+        size = m.hidden.shape[:2].numel()
+        last = groups[-1] if groups else None
+        if (
+            last is None
+            or batch_tokens is None
+            or tokens + size > batch_tokens
+            or any(members[j].trainer is m.trainer for j in last)
+        ):
+            groups.append([i])
+            tokens = size
+        else:
+            last.append(i)
+            tokens += size
+    return groups
+
+
+def _segment(items: list[tuple[ForwardRun, int, Member]]) -> list[_Progress | _Failed]:
+    """(worker) The batch function of a run's next items: run the segment once, for every member."""
+    run, index, _ = items[0]
+    try:
+        run.advance(index)
+    except Exception as exc:
+        return [_Failed(exc)] * len(items)
+    return [_progress(run, m) for _, _, m in items]
+
+
+def _progress(run: ForwardRun, member: Member) -> _Progress | _Failed:
+    """(worker) Where ``member`` stands after a segment: the next to ask for, or its reply and graph."""
+    if not run.done:
+        return run, run.next_segment, None
+    try:
+        out, graph = run.finish(member)  # (B, T, H) on the CPU
+        return run, run.next_segment, (member.build(out, member.step_id), graph)
+    except Exception as exc:
+        return _Failed(exc)
 
 
 async def backward_steps(
-    call: Runner,
+    batched: BatchedRunner,
     trainer: TrunkTrainer,
     graph: StepGraph,
     grad_output: torch.Tensor,
@@ -139,21 +183,43 @@ async def backward_steps(
         the optimizer stepped, with ``apply``).
     """
     run = BackwardRun(trainer, graph, grad_output)
+    forward = id(graph.run)
     while True:
-        done, reply = await call(_backward_item, run, apply, build)
+        key = ("train-backward", forward, run.next_segment)
+        done, reply = _unwrap(await batched(key, (run, apply, build), _backward))
         if done:
             result: R = reply
             return result
         check()
 
 
-def _backward_item(run: BackwardRun, apply: bool, build: Build) -> tuple[bool, Any]:
-    """(worker) One segment of a backward; after the first segment, accumulate and build the reply."""
-    run.segment()
-    if not run.done:
-        return False, None
-    grad_in = run.finish(apply)  # (B, T, H) on the CPU
-    return True, build(grad_in, run.trainer.optimizer_steps)
+def _backward(items: list[tuple[BackwardRun, bool, Callable[[torch.Tensor, int], Any]]]) -> list[Any]:
+    """(worker) The batch function of backwards at one segment of one forward: one backward for all."""
+    results: dict[int, Any] = {}
+    live: list[int] = []
+    for i, (run, _, _) in enumerate(items):
+        try:
+            run.check()
+            live.append(i)
+        except Exception as exc:
+            results[i] = _Failed(exc)
+    try:
+        outcomes = backward_segment([items[i][0] for i in live]) if live else []
+    except Exception as exc:
+        outcomes = [exc] * len(live)
+    for i, outcome in zip(live, outcomes, strict=True):
+        run, apply, build = items[i]
+        if outcome is not None:
+            results[i] = _Failed(outcome)
+        elif not run.done:
+            results[i] = (False, None)
+        else:
+            try:
+                grad_in = run.finish(apply)  # (B, T, H) on the CPU
+                results[i] = (True, build(grad_in, run.trainer.optimizer_steps))
+            except Exception as exc:
+                results[i] = _Failed(exc)
+    return [results[i] for i in range(len(items))]
 
 
 def adapter_from_bytes(trunk: Any, weights: bytes, adapter_id: str) -> LoraAdapter:
