@@ -16,8 +16,13 @@ one torch thread. CPU-seconds are the server process's (user + system).
    - ``base``: the same 8 sessions without adapters, batched (the cost of the adapters).
 2. **Training, 8 clients each fine-tuning its own adapter** (``SplitTrainer``, LoRA on
    the trunk, bottom and top frozen, a batch of 1 x ``--train-len`` tokens): the 8 run
-   ``--train-steps`` steps each concurrently, then the same 8 one after another; steps/s
-   and per-step latency of each way.
+   ``--train-steps`` steps each concurrently, with the server batching their training
+   forwards and backwards (``concurrent``, the default) and with each run alone
+   (``concurrent_unbatched``: ``--training-batch-tokens 0``), then the same 8 one after
+   another; steps/s, per-step latency and the server's CPU-seconds per step of each way.
+
+``--phases training`` runs the second phase only and keeps the first's figures in the
+results file.
 
 Writes ``benchmarks/results/adapters.json``. No timing is asserted anywhere.
 """
@@ -114,7 +119,9 @@ async def _inference(address: str, stages: Any, adapters: list[str | None], toke
     }
 
 
-async def _training(address: str, stages: Any, steps: int, length: int, concurrent: bool) -> dict:
+async def _training(
+    address: str, stages: Any, steps: int, length: int, concurrent: bool, proc: psutil.Process
+) -> dict:
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(10, 90, (1, length), generator=g)} for _ in range(CLIENTS)]
     latencies: list[float] = []
@@ -135,15 +142,16 @@ async def _training(address: str, stages: Any, steps: int, length: int, concurre
                     await trainer.step(batches[i])
                     latencies.append(time.perf_counter() - started)
 
-        started = time.perf_counter()
+        cpu0, started = _cpu(proc), time.perf_counter()
         if concurrent:
             await asyncio.gather(*(client(i) for i in range(CLIENTS)))
         else:
             for i in range(CLIENTS):
                 await client(i)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, _cpu(proc) - cpu0
     return {
         "steps": CLIENTS * steps,
+        "server_cpu_s_per_step": round(cpu / (CLIENTS * (steps + 1)), 3),
         "wall_s": round(elapsed, 2),
         "steps_per_s": round(CLIENTS * (steps + 1) / elapsed, 3),  # warm-up steps count: they ran too
         "step_p50_ms": round(_pct(latencies, 0.5), 1),
@@ -151,7 +159,7 @@ async def _training(address: str, stages: Any, steps: int, length: int, concurre
     }
 
 
-async def run(quick: bool, tokens: int, train_steps: int, train_len: int) -> dict:
+async def run(quick: bool, tokens: int, train_steps: int, train_len: int, phases: list[str]) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     client_cores = set(cores[1:]) or set(cores)
     torch.set_num_threads(1)
@@ -166,42 +174,63 @@ async def run(quick: bool, tokens: int, train_steps: int, train_len: int) -> dic
         bundle = _bundle(quick, Path(tmp))
         stages = load_stages(bundle, parts=("bottom", "top"))
         base_args = ["--cpus", str(cores[0]), "--torch-threads", "1"]
-        inference: dict[str, Any] = {}
-        for name, extra in (("mixed", []), ("one_by_one", ["--no-batching"]), ("base", [])):
-            with ServerProcess(bundle, extra_args=[*base_args, *extra]) as server:
-                os.sched_setaffinity(0, client_cores)
-                adapters: list[str | None] = [None] * CLIENTS
-                if name != "base":
-                    adapters = list(await _make_adapters(server.address, CLIENTS))
-                proc = psutil.Process(server.pid)
-                inference[name] = await _inference(server.address, stages, adapters, tokens, proc)
-                os.sched_setaffinity(0, set(cores))
-            print(f"inference {name:<10} {inference[name]['tokens_per_s']:7.1f} tokens/s, step p50 "
-                  f"{inference[name]['step_p50_ms']:6.1f} ms, server {inference[name]['server_cpu_s_per_1k_tokens']} "
-                  "CPU-s / 1k tokens")
-        same = inference["mixed"]["outputs"] == inference["one_by_one"]["outputs"]
-        for entry in inference.values():
-            entry.pop("outputs")
-        inference["identical_tokens_mixed_vs_one_by_one"] = same
-        inference["mixed_over_one_by_one"] = round(
-            inference["mixed"]["tokens_per_s"] / inference["one_by_one"]["tokens_per_s"], 2
-        )
-        result["inference"] = inference
-        training: dict[str, Any] = {}
-        with ServerProcess(bundle, extra_args=base_args) as server:
-            os.sched_setaffinity(0, client_cores)
-            for name, concurrent in (("concurrent", True), ("one_after_another", False)):
-                training[name] = await _training(server.address, stages, train_steps, train_len, concurrent)
-                print(f"training {name:<18} {training[name]['steps_per_s']:.3f} steps/s, step p50 "
-                      f"{training[name]['step_p50_ms']} ms, p90 {training[name]['step_p90_ms']} ms")
-            os.sched_setaffinity(0, set(cores))
-        training["throughput_ratio"] = round(
-            training["concurrent"]["steps_per_s"] / training["one_after_another"]["steps_per_s"], 2
-        )
-        result["training"] = training
-    print(f"mixed / one-by-one inference: {inference['mixed_over_one_by_one']}x (tokens identical: {same}); "
-          f"concurrent / sequential training: {training['throughput_ratio']}x")
+        if "inference" in phases:
+            result["inference"] = await _inference_phase(bundle, stages, base_args, cores, client_cores, tokens)
+        if "training" in phases:
+            result["training"] = await _training_phase(bundle, stages, base_args, cores, client_cores, train_steps,
+                                                       train_len)
     return result
+
+
+async def _inference_phase(bundle: Path, stages: Any, base_args: list[str], cores: list[int], client_cores: set[int],
+                           tokens: int) -> dict:
+    inference: dict[str, Any] = {}
+    for name, extra in (("mixed", []), ("one_by_one", ["--no-batching"]), ("base", [])):
+        with ServerProcess(bundle, extra_args=[*base_args, *extra]) as server:
+            os.sched_setaffinity(0, client_cores)
+            adapters: list[str | None] = [None] * CLIENTS
+            if name != "base":
+                adapters = list(await _make_adapters(server.address, CLIENTS))
+            proc = psutil.Process(server.pid)
+            inference[name] = await _inference(server.address, stages, adapters, tokens, proc)
+            os.sched_setaffinity(0, set(cores))
+        print(f"inference {name:<10} {inference[name]['tokens_per_s']:7.1f} tokens/s, step p50 "
+              f"{inference[name]['step_p50_ms']:6.1f} ms, server {inference[name]['server_cpu_s_per_1k_tokens']} "
+              "CPU-s / 1k tokens")
+    same = inference["mixed"]["outputs"] == inference["one_by_one"]["outputs"]
+    for entry in inference.values():
+        entry.pop("outputs")
+    inference["identical_tokens_mixed_vs_one_by_one"] = same
+    inference["mixed_over_one_by_one"] = round(
+        inference["mixed"]["tokens_per_s"] / inference["one_by_one"]["tokens_per_s"], 2
+    )
+    print(f"mixed / one-by-one inference: {inference['mixed_over_one_by_one']}x (tokens identical: {same})")
+    return inference
+
+
+async def _training_phase(bundle: Path, stages: Any, base_args: list[str], cores: list[int], client_cores: set[int],
+                          train_steps: int, train_len: int) -> dict:
+    training: dict[str, Any] = {}
+    ways = (("concurrent", True, []), ("concurrent_unbatched", True, ["--training-batch-tokens", "0"]),
+            ("one_after_another", False, []))
+    for name, concurrent, extra in ways:
+        with ServerProcess(bundle, extra_args=[*base_args, *extra]) as server:
+            os.sched_setaffinity(0, client_cores)
+            proc = psutil.Process(server.pid)
+            training[name] = await _training(server.address, stages, train_steps, train_len, concurrent, proc)
+            os.sched_setaffinity(0, set(cores))
+        print(f"training {name:<20} {training[name]['steps_per_s']:.3f} steps/s, step p50 "
+              f"{training[name]['step_p50_ms']} ms, p90 {training[name]['step_p90_ms']} ms, server "
+              f"{training[name]['server_cpu_s_per_step']} CPU-s/step")
+    training["throughput_ratio"] = round(
+        training["concurrent"]["steps_per_s"] / training["one_after_another"]["steps_per_s"], 2
+    )
+    training["batched_over_unbatched"] = round(
+        training["concurrent"]["steps_per_s"] / training["concurrent_unbatched"]["steps_per_s"], 2
+    )
+    print(f"concurrent / sequential training: {training['throughput_ratio']}x; batched / unbatched: "
+          f"{training['batched_over_unbatched']}x")
+    return training
 
 
 def main() -> None:
@@ -210,12 +239,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="tokens each inference session generates")
     parser.add_argument("--train-steps", type=int, default=3, help="measured training steps per client")
     parser.add_argument("--train-len", type=int, default=32, help="tokens per training batch")
+    parser.add_argument("--phases", nargs="+", choices=("inference", "training"), default=["inference", "training"])
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.train_steps, args.train_len = 4, 1, 8
-    result = asyncio.run(run(args.quick, args.tokens, args.train_steps, args.train_len))
+    result = asyncio.run(run(args.quick, args.tokens, args.train_steps, args.train_len, args.phases))
     if not args.quick:
         out = Path(__file__).resolve().parent / "results" / "adapters.json"
+        if out.exists():  # a phase not run keeps its last figures
+            result = {**json.loads(out.read_text()), **result}
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
 
