@@ -163,3 +163,12 @@ async def test_a_training_step_in_one_layer_segments_on_cuda_equals_the_unsplit_
     updated = dict(reference.model.named_parameters())
     for name, p in model.named_parameters():
         assert max_diff(p.cpu(), updated[name]) <= 1e-4, name
+
+
+async def test_sessions_trained_together_on_cuda_equal_each_alone():
+    from tests.training.test_batched_training import ALONE_SEGMENTS, ROWS, TOGETHER_SEGMENTS, _assert_close, _train
+
+    alone = await _train("llama", ALONE_SEGMENTS, together=False, device="cuda")
+    together = await _train("llama", TOGETHER_SEGMENTS, together=True, device="cuda")
+    _assert_close(together, alone)
+    assert (sum(ROWS), True) in together["calls"]  # the forwards ran as one batch

@@ -86,9 +86,9 @@ async def _each(coros, together: bool) -> list:
     return [await c for c in coros]
 
 
-async def _train(family: str, limits: TrainingLimits, together: bool, steps: int = 2) -> dict:
+async def _train(family: str, limits: TrainingLimits, together: bool, steps: int = 2, device: str = "cpu") -> dict:
     """``steps`` forward/backward/optimizer steps of the four sessions, then an evaluation; what each gave."""
-    trunk = split_model(tiny_model(family), SPLIT, parts=("trunk",)).trunk
+    trunk = split_model(tiny_model(family), SPLIT, parts=("trunk",)).trunk.to(device)
     got: dict = {"calls": _record_calls(trunk)}
     async with LocalTrunk(trunk, training=limits) as local:
         sessions = await _open(local, family)
@@ -112,7 +112,7 @@ async def _train(family: str, limits: TrainingLimits, together: bool, steps: int
             got[f"evaluated.{i}"] = out
             state = await s.state()
             for name, value in (from_safetensors(state.weights)[0] if state.weights else {}).items():
-                got[f"adapter.{i}.{name}"] = value
+                got[f"adapter.{i}.{name}"] = value.cpu()
         got["pending_bytes"] = local.training.pending_bytes
     return got
 
