@@ -15,7 +15,6 @@ the event loop, between those calls. Replies can be built on the worker too: pas
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -28,6 +27,7 @@ import torch
 
 from ..errors import PreconditionFailed, SessionNotFound, SplitLearnError, TrunkRejected
 from ._adapters import AdapterRegistry, check_lora_cost, create_adapter
+from ._batching import BatchMates, forward_key
 from ._config import LoraConfig, OptimizerConfig
 from ._engine import NonFiniteGradient, TrunkTrainer, serialize_state
 from ._lora import LoraAdapter, lora_config_from_metadata
@@ -81,11 +81,11 @@ class TrainingHost:
         self.limits = limits or TrainingLimits()
         self._run = run
         self._batched = run_batched or one_by_one(run)
-        self._waiters: set[asyncio.Future[None]] = set()  # backwards waiting for their batch-mates
         self._clock = clock
         self.adapters = AdapterRegistry(self.limits.max_adapters)
         self.pending = PendingSteps(self.limits.max_pending_steps, self.limits.pending_step_ttl_s, clock)
         self.sessions: dict[str, TrainingEntry] = {}
+        self.mates = BatchMates(self.limits, self.pending)  # backwards of batched forwards, meeting
 
     # --- opening and closing -----------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class TrainingHost:
         if self.sessions.pop(training_id, None) is None:
             return False
         freed = self.pending.drop_owner(training_id)
-        self._graphs_changed()
+        self.mates.graphs_changed()
         logger.info("training session %s closed (%d kept graphs freed)", training_id, freed)
         return True
 
@@ -239,7 +239,7 @@ class TrainingHost:
         step_id = 0
         if keep_graph:
             if self.pending.expire():
-                self._graphs_changed()
+                self.mates.graphs_changed()
             self.pending.check_room()
             step_id = self.pending.reserve()
         member = Member(entry.trainer, hidden, attention_mask, position_ids, build, step_id, training_id)
@@ -247,7 +247,7 @@ class TrainingHost:
             result, graph = await self._rejecting(
                 forward_steps(
                     self._batched,
-                    self._forward_key(entry, hidden, attention_mask, position_ids, keep_graph),
+                    forward_key(self.trunk, self.limits, entry, hidden, attention_mask, position_ids, keep_graph),
                     member,
                     trunk=self.trunk,
                     layer_tokens=self.limits.segment_layer_tokens,
@@ -265,31 +265,6 @@ class TrainingHost:
             graph.release()
             raise
         return result, step_id
-
-    def _forward_key(
-        self,
-        entry: TrainingEntry,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        keep_graph: bool,
-    ) -> Any:
-        """The batch key of a forward's first item: forwards that may run as one batch share it.
-
-        Equal ``T`` and the same kind of call (with or without a graph, masks, positions).
-        A full-trunk session trains weights every row uses, so its forwards run alone; so do
-        all with ``batch_tokens`` None.
-        """
-        if self.limits.batch_tokens is None or entry.mode == "full":
-            return object()  # a key of its own
-        return (
-            "train-start",
-            id(self.trunk),
-            keep_graph,
-            int(hidden.shape[1]),
-            attention_mask is None,
-            position_ids is None,
-        )
 
     async def backward(
         self,
@@ -327,11 +302,11 @@ class TrainingHost:
         if apply and others:
             raise PreconditionFailed(apply_blocked(others, "other "))
         self.pending.pop(training_id, step_id)
-        self._graphs_changed()
+        self.mates.graphs_changed()
         check = functools.partial(self._check_still_open, entry, "backward")
         try:
             with busy(entry, self._clock):
-                await self._wait_for_batch_mates(training_id, graph)
+                await self.mates.wait(training_id, graph)
                 return await self._rejecting(
                     backward_steps(self._batched, entry.trainer, graph, grad_output, apply, build, check)
                 )
@@ -430,7 +405,7 @@ class TrainingHost:
     def sweep(self) -> None:
         """Free graphs older than ``pending_step_ttl_s`` and sessions idle for ``session_ttl_s``."""
         if self.pending.expire():
-            self._graphs_changed()
+            self.mates.graphs_changed()
         now = self._clock()
         for entry in list(self.sessions.values()):
             if entry.busy == 0 and now - entry.last_used_s > self.limits.session_ttl_s:
@@ -441,7 +416,7 @@ class TrainingHost:
         """Close every session and free every kept graph (adapters stay)."""
         self.pending.clear()
         self.sessions.clear()
-        self._graphs_changed()
+        self.mates.graphs_changed()
 
     @property
     def pending_steps(self) -> int:
@@ -460,46 +435,13 @@ class TrainingHost:
             "allow_full_training": self.limits.allow_full_training,
             "max_pending_steps": self.limits.max_pending_steps,
             "pending_step_ttl_s": float(self.limits.pending_step_ttl_s),
+            "segment_layer_tokens": self.limits.segment_layer_tokens,
+            "batch_tokens": self.limits.batch_tokens,
+            "batch_wait_s": float(self.limits.batch_wait_s),
             "adapters": sorted(self.adapters.adapters),
         }
 
     # --- helpers -----------------------------------------------------------------------------
-
-    async def _wait_for_batch_mates(self, training_id: str, graph: Any) -> None:
-        """Wait (up to ``batch_wait_s``) for the other sessions of a batched forward to send their backward.
-
-        Their backwards then run as one; without them, this one runs alone (see
-        ``training._segments.backward_segment``), so nobody waits longer than that.
-        """
-        run, wait_s = graph.run, self.limits.batch_wait_s
-        if run is None or len(run.members) < 2:
-            return
-        # The batch-mates this arrival woke submit their items first, then this one: the worker's
-        # gatherer, whose next step may already be queued on the loop, sees them all together.
-        await asyncio.sleep(0)
-        if wait_s <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while any(m.owner != training_id and self.pending.has(m.owner, m.step_id) for m in run.members):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            # A bare future, not wait_for: woken by _graphs_changed, this task runs before the worker
-            # gathers the item of the batch-mate that woke it, so their items meet in one batch.
-            woken: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(woken)
-            timer = loop.call_later(remaining, _resolve, woken)
-            try:
-                await woken
-            finally:
-                timer.cancel()
-                self._waiters.discard(woken)
-
-    def _graphs_changed(self) -> None:
-        """Wake the backwards waiting for their batch-mates: a kept graph was taken or dropped."""
-        for woken in self._waiters:
-            _resolve(woken)
 
     async def _rejecting(self, work: Awaitable[T]) -> T:
         """Await ``work``; an input the trunk refuses (a torch ``ValueError``) becomes :class:`TrunkRejected`."""
@@ -518,8 +460,3 @@ class TrainingHost:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the worker; an input the trunk refuses becomes :class:`TrunkRejected`."""
         return await self._rejecting(self._run(fn, *args))
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -214,13 +214,15 @@ async def test_splitlearn_serve_with_two_named_bundles(tmp_path):
     for name in "ab":
         save_stages(split_model(loads.models[name], SPLIT), tmp_path / name)
     args = ["--model", f"a={tmp_path / 'a'}", "--model", f"b={tmp_path / 'b'}", "--max-model-bytes", "100000000"]
-    with ServerProcess(None, extra_args=[*args, "--torch-threads", "1"]) as server:
+    knobs = ["--training-batch-tokens", "0", "--training-batch-wait", "0.02"]  # the training knobs reach the server
+    with ServerProcess(None, extra_args=[*args, *knobs, "--torch-threads", "1"]) as server:
         got_b = await _generate(server.port, "b", loads.models["b"])
         got_a = await _generate(server.port, None, loads.models["a"])
         async with RemoteTrunk(server.address, model="b") as remote:
             info = await remote.info()
     assert torch.equal(got_b, _expected(loads.models["b"])) and torch.equal(got_a, _expected(loads.models["a"]))
     assert info["max_model_bytes"] == 100000000 and [m["name"] for m in info["models"]] == ["a", "b"]
+    assert info["batch_tokens"] is None and info["batch_wait_s"] == 0.02
 
 
 def test_a_model_name_is_checked_and_the_cli_form_is_parsed():

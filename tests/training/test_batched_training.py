@@ -275,6 +275,14 @@ def test_the_knobs_are_checked_and_the_defaults_agree():
             ServerConfig(training_batch_wait_s=bad)
 
 
+async def test_info_tells_the_training_batch_settings():
+    trunk = split_model(tiny_model("llama"), SPLIT, parts=("trunk",)).trunk
+    config = ServerConfig(training_batch_tokens=512, training_batch_wait_s=0.02, training_segment_layer_tokens=None)
+    async with served(trunk, config) as server, RemoteTrunk(f"127.0.0.1:{server.port}") as remote:
+        info = await remote.info()
+    assert (info["batch_tokens"], info["batch_wait_s"], info["segment_layer_tokens"]) == (512, 0.02, None)
+
+
 async def test_split_trainers_trained_at_once_over_a_server_equal_each_alone():
     """Three clients, each fine-tuning its own adapter with SplitTrainer, against one server."""
     config = TrainingConfig(optimizer=OptimizerConfig("sgd", lr=0.5), trunk="lora", lora=LoraConfig(rank=2, seed=7))
