@@ -407,3 +407,52 @@ async def test_gather_waits_for_the_items_its_sources_expect() -> None:
 def test_gather_wait_must_be_non_negative() -> None:
     with pytest.raises(ConfigError, match="max_gather_wait_s"):
         StageWorker(max_gather_wait_s=-1.0)
+
+
+async def test_background_work_yields_one_unit_per_batch_to_the_rest():
+    """Background items (training segments) queued behind a busy worker: the other items waiting
+    run first, then one background unit (with the batched items of its key), then the next."""
+    ran: list[str] = []
+
+    def record(items: list[str]) -> list[str]:
+        ran.append("+".join(items))
+        return items
+
+    async with StageWorker("background") as worker:
+        gate, parked = await park(worker)
+        background = [
+            asyncio.create_task(worker.run_batched(key, name, record, background=True))
+            for key, name in (("b1", "b1a"), ("b2", "b2"), ("b1", "b1b"), ("b3", "b3"))
+        ]
+        front = [asyncio.create_task(worker.run_batched("f", name, record)) for name in ("f1", "f2")]
+        plain = asyncio.create_task(worker.run(lambda: ran.append("plain") or "plain"))
+        await until(lambda: worker.queue_depth == 7)
+        gate.open()
+        await asyncio.gather(parked, *background, *front, plain)
+        assert ran == ["f1+f2", "plain", "b1a+b1b", "b2", "b3"]
+        # one more batch arriving while background work is held back still goes first
+        gate, parked = await park(worker)
+        held = [asyncio.create_task(worker.run_batched(k, k, record, background=True)) for k in ("x", "y", "z")]
+        await until(lambda: worker.queue_depth == 3)
+        gate.open()
+        await held[0]  # x ran; y and z are held back
+        ran.clear()
+        await asyncio.gather(worker.run_batched("f", "f3", record), *held)
+        assert ran[0] == "f3" or ran[:2] == ["y", "f3"]  # f3 waits for one background unit at most
+        assert sorted(ran) == ["f3", "y", "z"]
+
+
+async def test_background_work_held_back_still_runs_before_stop():
+    ran: list[str] = []
+    worker = StageWorker("background-stop")
+    await worker.start()
+    gate, parked = await park(worker)
+    tasks = [asyncio.create_task(worker.run_batched(k, k, lambda xs: [ran.append(x) or x for x in xs], background=True))
+             for k in ("a", "b", "c")]
+    await until(lambda: worker.queue_depth == 3)
+    stopping = asyncio.create_task(worker.stop(grace_s=None))
+    await asyncio.sleep(0)
+    gate.open()
+    await stopping
+    assert [await t for t in tasks] == ["a", "b", "c"] and ran == ["a", "b", "c"]
+    await parked

@@ -113,9 +113,12 @@ class LocalTrunk:
         return await worker.run(fn, *args)
 
     async def _run_batched(self, key: Hashable, item: Any, batch_fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
-        """Run ``item`` through ``batch_fn`` on the trunk's worker, batched with items of equal ``key``."""
+        """Run ``item`` through ``batch_fn`` on the trunk's worker, batched with items of equal ``key``.
+
+        Training steps are background work: inference steps waiting meanwhile go first.
+        """
         worker = await self._ensure_worker()
-        return await worker.run_batched(key, item, batch_fn)
+        return await worker.run_batched(key, item, batch_fn, background=True)
 
     async def open_session(self, adapter_id: str | None = None) -> LocalTrunkSession:
         """Open a session; its KV cache is created by the first ``forward``.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -93,7 +94,8 @@ class TrainingService:
             batch_tokens=c.training_batch_tokens,
             batch_wait_s=c.training_batch_wait_s,
         )
-        self.host = TrainingHost(server.trunk, server.worker.run, limits, clock, server.worker.run_batched)
+        steps = functools.partial(server.worker.run_batched, background=True)  # yield to inference steps
+        self.host = TrainingHost(server.trunk, server.worker.run, limits, clock, steps)
         self.transfers = CheckpointTransfers(server)
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -6,6 +6,13 @@ to ``max_batch_delay_s`` for a full batch, or up to ``max_gather_wait_s`` for th
 that the sources added with :meth:`Gatherer.expect` announce. On the worker thread,
 :func:`plan` cuts what was gathered into units of one call each.
 
+**Background items** (training segments: ``StageWorker.run_batched(..., background=True)``)
+yield to the rest. A gathered batch holds every other item waiting, and at most one unit
+of background work: the oldest background item, with the batched items of its key. The
+other background items wait, in order, for the next batch. So an inference step waits for
+at most one background unit (the one running when it arrives), however many trainers
+queued theirs, and background work still advances by one unit per batch.
+
 No tensors and no threads here: the policy can be tested with synthetic items.
 """
 
@@ -65,6 +72,16 @@ class Gatherer:
         self._queue = queue
         self._policy = policy
         self._expected_sources: list[Callable[[], int]] = []
+        self._held: list[Item] = []  # background items taken off the queue, waiting for a batch of their own
+
+    @property
+    def held(self) -> int:
+        """Background items held back for a later batch."""
+        return len(self._held)
+
+    def discard_held(self) -> None:
+        """Forget the held items (their callers have been failed)."""
+        self._held.clear()
 
     def expect(self, source: Callable[[], int]) -> None:
         """Add a source of how many batched items are expected soon."""
@@ -83,7 +100,8 @@ class Gatherer:
         policy = self._policy
         loop = asyncio.get_running_loop()
         gathered = Gathered()
-        gathered.add(await self._queue.get())
+        if not self._held:
+            gathered.add(await self._queue.get())
         self._drain(gathered)
         target, wait_s = policy.max_batch_size, policy.max_batch_delay_s
         if policy.max_gather_wait_s > wait_s and self._expected_sources and self._wants_more(gathered):
@@ -101,7 +119,30 @@ class Gatherer:
                 except asyncio.TimeoutError:
                     break
                 self._drain(gathered)
+        self._hold_background(gathered)
         return gathered
+
+    def _hold_background(self, gathered: Gathered) -> None:
+        """Keep one unit of background work in ``gathered`` (all of it before STOP); hold the rest back."""
+        self._held += [item for item in gathered.items if item.background]
+        items = [item for item in gathered.items if not item.background]
+        if gathered.stop:  # the worker ends after this batch: everything queued before STOP runs
+            items += self._held
+            self._held = []
+        else:
+            self._held = [item for item in self._held if not item.abandoned]
+            if self._held:
+                first = self._held[0]
+                key = first.key if isinstance(first, BatchedItem) else None
+                unit = [
+                    item
+                    for item in self._held
+                    if item is first or (key is not None and isinstance(item, BatchedItem) and item.key == key)
+                ]
+                items += unit
+                taken = {id(item) for item in unit}
+                self._held = [item for item in self._held if id(item) not in taken]
+        gathered.items = items
 
     def _drain(self, gathered: Gathered) -> None:
         """Take every queued item into ``gathered``, stopping after :data:`STOP`."""

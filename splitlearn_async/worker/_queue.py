@@ -3,7 +3,8 @@
 A coroutine wraps its call in a work item (a :class:`PlainItem` or a :class:`BatchedItem`),
 :meth:`WorkQueue.submit` puts it on an ``asyncio.Queue`` with an ``asyncio.Future`` for its
 outcome, and the caller awaits that future. Items leave the queue in the order they came
-(there are no priorities; ``_gathering`` decides which of them run together).
+(``_gathering`` decides which of them run together, and holds background items back
+while other work waits).
 :data:`STOP`, queued by ``stop()``, ends the worker thread after every item queued before it.
 
 Everything here runs on the event loop, except :attr:`WorkItem.abandoned`, which the
@@ -29,13 +30,15 @@ class WorkItem:
     back the type it asked for.
     """
 
-    __slots__ = ("abandoned", "future")
+    __slots__ = ("abandoned", "background", "future")
 
     def __init__(self) -> None:
         self.future: asyncio.Future[Any] | None = None
         # Set on the loop once nobody waits for the result (cancelled, failed at stop);
         # read by the worker thread, which then skips the item. A bool store is atomic.
         self.abandoned = False
+        # Background work (training segments) yields to the rest: see ``_gathering``.
+        self.background = False
 
 
 class PlainItem(WorkItem):

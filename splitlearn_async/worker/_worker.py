@@ -222,8 +222,8 @@ class StageWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting in the queue (not counting those the thread has taken)."""
-        return self._queue.qsize()
+        """Items waiting in the queue, background items held back included (not those the thread has taken)."""
+        return self._queue.qsize() + self._gatherer.held
 
     @property
     def is_running(self) -> bool:
@@ -256,7 +256,12 @@ class StageWorker:
         return result
 
     async def run_batched(
-        self, key: Hashable, item: ItemT, batch_fn: Callable[[list[ItemT]], Sequence[ResultT]]
+        self,
+        key: Hashable,
+        item: ItemT,
+        batch_fn: Callable[[list[ItemT]], Sequence[ResultT]],
+        *,
+        background: bool = False,
     ) -> ResultT:
         """Run ``item`` through ``batch_fn`` together with other items waiting under ``key``.
 
@@ -267,6 +272,11 @@ class StageWorker:
         made anew for each call still batches). ``batch_fn`` returns one result per item,
         in order. If it raises for several items, each is run again alone so that only the
         bad one fails: ``batch_fn`` must therefore leave no partial effects when it raises.
+
+        ``background=True`` marks work that yields to the rest (training segments): while
+        other items wait, each batch the worker forms takes at most one unit of background
+        work (the oldest background item and the batched items of its key), so an item
+        waits for at most one background unit, however many are queued.
 
         Returns:
             This item's result.
@@ -281,7 +291,9 @@ class StageWorker:
             hash(key)
         except TypeError as exc:
             raise ArgumentError(f"run_batched() needs a hashable key: {exc}.") from exc
-        result: ResultT = await self._submit(BatchedItem(key, item, batch_fn))
+        batched = BatchedItem(key, item, batch_fn)
+        batched.background = background
+        result: ResultT = await self._submit(batched)
         return result
 
     async def _submit(self, item: Item) -> Any:
@@ -327,6 +339,7 @@ class StageWorker:
         self._accepting = False
         self._queue.fail_pending(self._died_error)
         self._queue.discard_queued()  # their callers have just been failed
+        self._gatherer.discard_held()
 
     # --- the worker thread ---------------------------------------------------------------
 
