@@ -1,7 +1,8 @@
 """Decode-step latency of an inference session while a LoRA training client shares the trunk server.
 
     python benchmarks/train_decode_latency.py [--steps 200] [--train-batch 2] [--train-len 64]
-        [--placement isolated|shared] [--trainer process|thread] [--segment-layer-tokens N ...]
+        [--placement isolated|shared] [--trainer process|thread] [--trainers N]
+        [--segment-layer-tokens N ...]
 
 One process runs an AsyncGRPCComputeServer with SmolLM2's trunk (layers 3..26, fp32) and
 one inference client (a RemoteTrunk session: a 16-token prompt, then one-token steps with
@@ -10,6 +11,8 @@ same server: by default in a child process (``--trainer process``), as a trainin
 on another machine would, or in this process (``--trainer thread``: its bottom and top on
 a worker thread of this process, sharing its GIL and cores). The server's one worker
 thread runs both; the figure is the decode step's latency as the client sees it.
+``--trainers N`` (child processes only) runs N training clients at once, each with its
+own adapter.
 
 Placement (Linux affinity):
 
@@ -162,7 +165,7 @@ def trainer_process(spec: TrainerSpec, ready: Any, stop: Any, result: Any) -> No
 
 
 async def with_training(server: AsyncGRPCComputeServer, remote: RemoteTrunk, segment: int | None, steps: int,
-                        hidden_size: int, spec: TrainerSpec, in_process: Any) -> dict[str, Any]:
+                        hidden_size: int, spec: TrainerSpec, in_process: Any, trainers: int = 1) -> dict[str, Any]:
     """One training phase: decode latencies while a trainer steps, with ``segment`` layer-tokens per item."""
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
     if "training_segment_layer_tokens" in fields:  # the host reads its limits for every step
@@ -171,10 +174,14 @@ async def with_training(server: AsyncGRPCComputeServer, remote: RemoteTrunk, seg
         raise SystemExit("this version of the server does not segment training; pass --segment-layer-tokens 0.")
     if in_process is None:
         ctx = mp.get_context("spawn")
-        ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
-        child = ctx.Process(target=trainer_process, args=(spec, ready, stop, result), daemon=True)
-        child.start()
-        await asyncio.to_thread(ready.wait)
+        stop, result = ctx.Event(), ctx.Queue()
+        readies = [ctx.Event() for _ in range(trainers)]
+        children = [ctx.Process(target=trainer_process, args=(spec, ready, stop, result), daemon=True)
+                    for ready in readies]
+        for child in children:
+            child.start()
+        for ready in readies:
+            await asyncio.to_thread(ready.wait)
     else:
         bottom, top, worker = in_process
         ready, stop = asyncio.Event(), asyncio.Event()
@@ -185,12 +192,14 @@ async def with_training(server: AsyncGRPCComputeServer, remote: RemoteTrunk, seg
     elapsed = time.perf_counter() - started
     stop.set()
     if in_process is None:
-        train_steps = await asyncio.to_thread(result.get)
-        child.join()
+        train_steps = sum([await asyncio.to_thread(result.get) for _ in children])
+        for child in children:
+            child.join()
     else:
         train_steps = await task
     return {
         "segment_layer_tokens": segment,
+        "trainers": trainers,
         "with_training": summary(shared),
         "training_steps_during": train_steps,
         "training_steps_per_s": train_steps / elapsed,
@@ -201,7 +210,7 @@ async def with_training(server: AsyncGRPCComputeServer, remote: RemoteTrunk, seg
 
 
 async def main(steps: int, train_batch: int, train_len: int, placement: str, trainer: str,
-               segments: list[int | None]) -> dict:
+               segments: list[int | None], trainers: int = 1) -> dict:
     bottom, trunk, top = load_stages(default_bundle(SPLIT))
     hidden_size = trunk.hidden_size
     cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -231,7 +240,9 @@ async def main(steps: int, train_batch: int, train_len: int, placement: str, tra
             alone = [await decode(remote, steps, hidden_size)]
             in_process = None if worker is None else (bottom, top, worker)
             for segment in segments:  # each training phase between two phases without training
-                phases.append(await with_training(server, remote, segment, steps, hidden_size, spec, in_process))
+                phases.append(
+                    await with_training(server, remote, segment, steps, hidden_size, spec, in_process, trainers)
+                )
                 alone.append(await decode(remote, steps, hidden_size))
     finally:
         if worker is not None:
@@ -262,6 +273,7 @@ if __name__ == "__main__":
     parser.add_argument("--train-len", type=int, default=64)
     parser.add_argument("--placement", choices=("isolated", "shared"), default="isolated")
     parser.add_argument("--trainer", choices=("process", "thread"), default="process")
+    parser.add_argument("--trainers", type=int, default=1, help="training clients at once (child processes)")
     parser.add_argument("--segment-layer-tokens", type=int, nargs="+", default=None,
                         help="one training phase per value; 0: the whole trunk in one item (default: the server's)")
     parser.add_argument("--out", default=None, help="the JSON file to write (default: benchmarks/results/...)")
@@ -270,8 +282,12 @@ if __name__ == "__main__":
         segments: list[int | None] = [ServerConfig().__dict__.get("training_segment_layer_tokens")]
     else:
         segments = [value or None for value in args.segment_layer_tokens]
-    result = asyncio.run(main(args.steps, args.train_batch, args.train_len, args.placement, args.trainer, segments))
+    if args.trainers > 1 and args.trainer == "thread":
+        raise SystemExit("--trainers N runs child processes; leave --trainer at process.")
+    result = asyncio.run(
+        main(args.steps, args.train_batch, args.train_len, args.placement, args.trainer, segments, args.trainers)
+    )
     print(json.dumps(result, indent=2))
-    suffix = "" if args.trainer == "process" else "-thread"
+    suffix = ("" if args.trainer == "process" else "-thread") + (f"-{args.trainers}trainers" if args.trainers > 1 else "")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"train_decode_latency-{args.placement}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -102,7 +102,8 @@ class ServerConfig:
             ``None`` runs each forward or backward in one item.
         training_batch_tokens: Training forwards (and evaluations) of different sessions
             with equal ``T`` that wait together run as one batch of at most this many tokens
-            (``B x T`` summed), each row with its own session's LoRA adapter; their
+            (``B x T`` summed, and no more than ``training_segment_layer_tokens`` unless one
+            step alone has more), each row with its own session's LoRA adapter; their
             backwards likewise when they wait together. ``None``: each runs alone.
         training_batch_wait_s: How long the backward of a batched forward waits for its
             batch-mates' backwards, to run as one (0: never waits).

@@ -74,7 +74,9 @@ class TrainingLimits:
         batch_tokens: Most tokens (``B x T``, summed) of the training forwards (or
             evaluations) of different sessions that run as one batch: forwards with equal
             ``T`` that wait together run their segments as one call, each row with its own
-            session's adapter, and their backwards likewise when they wait together. None:
+            session's adapter, and their backwards likewise when they wait together. A
+            batch also holds no more than ``segment_layer_tokens`` tokens (unless one step
+            alone has more), so that its segments take no longer than one session's. None:
             each forward runs alone. Full-trunk sessions always run alone.
         batch_wait_s: How long the backward of a batched forward waits for the other
             sessions of its batch to send theirs, so that they run as one backward; one

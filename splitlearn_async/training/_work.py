@@ -114,7 +114,7 @@ class _Start:
 
     def __call__(self, members: list[Member]) -> list[_Progress | _Failed]:
         results: dict[int, _Progress | _Failed] = {}
-        for group in _groups(members, self.batch_tokens):
+        for group in _groups(members, self.batch_tokens, self.layer_tokens):
             try:
                 run = ForwardRun(self.trunk, [members[i] for i in group], self.layer_tokens, self.keep_graph)
                 run.advance(0)
@@ -125,19 +125,27 @@ class _Start:
         return [results[i] for i in range(len(members))]
 
 
-def _groups(members: Sequence[Member], batch_tokens: int | None) -> list[list[int]]:
-    """Members, in order, cut into runs of at most ``batch_tokens`` tokens, one step per trainer each."""
+def _groups(members: Sequence[Member], batch_tokens: int | None, layer_tokens: int | None) -> list[list[int]]:
+    """Members, in order, cut into runs, one step per trainer each.
+
+    A run holds at most ``batch_tokens`` tokens, and no more than one segment's
+    ``layer_tokens`` (unless its first member alone has more): a batch's segment then
+    takes no longer than one session's, and a decode step waits for one segment at most.
+    """
     groups: list[list[int]] = []
-    tokens = 0
+    tokens = limit = 0
     for i, m in enumerate(members):
         size = m.hidden.shape[:2].numel()
         last = groups[-1] if groups else None
         if (
             last is None
             or batch_tokens is None
-            or tokens + size > batch_tokens
+            or tokens + size > limit
             or any(members[j].trainer is m.trainer for j in last)
         ):
+            limit = batch_tokens or 0
+            if layer_tokens is not None:
+                limit = min(limit, max(layer_tokens, size))
             groups.append([i])
             tokens = size
         else:

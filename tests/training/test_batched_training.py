@@ -309,3 +309,24 @@ async def test_split_trainers_trained_at_once_over_a_server_equal_each_alone():
         assert set(ta) == set(tb)
         for name in ta:
             assert float((ta[name] - tb[name]).abs().max()) <= ATOL, name
+
+
+def test_a_batch_holds_no_more_tokens_than_one_segment_or_batch_tokens():
+    from splitlearn_async.training._segments import Member
+    from splitlearn_async.training._work import _groups
+
+    trainers = [object() for _ in range(6)]
+
+    def members(sizes, same=()):
+        return [
+            Member(trainers[0 if i in same else i], torch.zeros(1, n, 1), None, None, lambda out, step: out)
+            for i, n in enumerate(sizes)
+        ]
+
+    eight = members([32] * 6)
+    assert _groups(eight, 1024, 128) == [[0, 1, 2, 3], [4, 5]]  # 4 x 32 = one segment's 128 layer-tokens
+    assert _groups(eight, 1024, None) == [list(range(6))]  # no segments: batch_tokens alone
+    assert _groups(eight, 64, None) == [[0, 1], [2, 3], [4, 5]]
+    assert _groups(eight, None, 128) == [[i] for i in range(6)]  # batching off
+    assert _groups(members([200, 32, 32]), 1024, 128) == [[0], [1, 2]]  # one alone may exceed a segment
+    assert _groups(members([32, 32, 32], same=(0, 1)), 1024, 128) == [[0], [1, 2]]  # one step per trainer
