@@ -29,10 +29,11 @@ class StepGraph:
         owner: The training session the step belongs to.
         step_id: Its id.
         created_s: Clock time of the forward.
-        segments: ``(input, output)`` of each layer segment the forward ran, in order
+        segments: ``(input, output, rows)`` of each work item the forward ran, in order
             (``training._segments``): the input a leaf (the first is ``inputs``, the next
-            ones the previous output detached), the output attached to the segment's own
-            graph (the last is ``outputs``).
+            ones the previous output detached), the output attached to the item's own
+            graph (the last is ``outputs``); ``rows`` None, or the chunk of rows the item
+            ran when one layer over every row was more than a segment's tokens.
         rows: This step's rows of ``segments`` when its forward ran batched with other
             sessions' (their graphs are shared; ``outputs`` is then this step's rows of the
             last); None when the forward ran alone.
@@ -46,7 +47,7 @@ class StepGraph:
     owner: str = ""
     step_id: int = 0
     created_s: float = 0.0
-    segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    segments: list[tuple[torch.Tensor, torch.Tensor, slice | None]] = field(default_factory=list)
     rows: slice | None = None
     run: Any = None
 

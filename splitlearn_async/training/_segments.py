@@ -70,6 +70,26 @@ def segment_bounds(layer_range: tuple[int, int], tokens: int, layer_tokens: int 
     return list(itertools.pairwise(cuts))
 
 
+#: One work item of a forward: its layers, and its rows (None: every row of the batch).
+Piece = tuple[Layers, slice | None]
+
+
+def segment_plan(layer_range: tuple[int, int], rows: int, length: int, layer_tokens: int | None) -> list[Piece]:
+    """The work items of a training call over ``rows x length`` tokens: layer segments, maybe cut by rows.
+
+    The layers are cut by :func:`segment_bounds`. When even one layer over every row
+    holds more than ``layer_tokens`` tokens, each layer is cut further into chunks of
+    ``max(1, layer_tokens // length)`` rows (as even as that allows), one item each:
+    rows never mix in a decoder layer, so a chunk runs on its own rows alone.
+    """
+    bounds = segment_bounds(layer_range, rows * length, layer_tokens)
+    if layer_tokens is None or rows < 2 or rows * length <= layer_tokens:
+        return [(layers, None) for layers in bounds]
+    count = math.ceil(rows / max(1, layer_tokens // length))
+    cuts = [(rows * i) // count for i in range(count + 1)]
+    return [(layers, slice(a, b)) for layers in bounds for a, b in itertools.pairwise(cuts)]
+
+
 @dataclass(eq=False)
 class Member:
     """One session's forward in a :class:`ForwardRun`: its inputs, its trainer, its rows.
@@ -134,9 +154,15 @@ class ForwardRun:
             if len(self.members) == 1
             else RowAdapters([(m.rows.start, m.rows.stop, a) for m, a in zip(self.members, adapters, strict=True)])
         )
-        self.bounds = segment_bounds(trunk.layer_range, x.shape[:2].numel(), layer_tokens)
+        rows, length = x.shape[:2]
+        if len(self.members) == 1:  # a batch of sessions holds one segment's tokens at most: never cut by rows
+            self.plan = segment_plan(trunk.layer_range, rows, length, layer_tokens)
+        else:
+            self.plan = [(layers, None) for layers in segment_bounds(trunk.layer_range, rows * length, layer_tokens)]
         self.outputs: torch.Tensor | None = None
-        self.segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.segments: list[tuple[torch.Tensor, torch.Tensor, slice | None]] = []
+        self._boundary: torch.Tensor | None = None  # cut by rows: the input of the layers in progress
+        self._chunks: list[torch.Tensor] = []  # cut by rows: the outputs of their chunks done so far
         self.next_segment = 0
         self.nbytes = 0
         self._finished = 0  # members whose output and graph were handed out
@@ -145,7 +171,7 @@ class ForwardRun:
     @property
     def done(self) -> bool:
         """Whether every segment has run."""
-        return self.next_segment >= len(self.bounds)
+        return self.next_segment >= len(self.plan)
 
     def advance(self, index: int) -> None:
         """(worker) Run segment ``index`` unless it ran already (each member's item asks for it).
@@ -159,17 +185,43 @@ class ForwardRun:
             raise StateError(f"segment {index} asked of a forward at segment {self.next_segment}")
         if self.inputs is None:
             raise ConfigError("this training forward was released (its session closed or the call was cancelled).")
+        layers, rows = self.plan[index]
+        if rows is not None:
+            self._advance_rows(layers, rows)
+            self.next_segment += 1
+            return
         if self.outputs is None:
             x = self.inputs
         else:
             x = self.outputs.detach().requires_grad_(True) if self.keep_graph else self.outputs  # (B, T, H) leaf
-        layers = self.bounds[index]
         with torch.set_grad_enabled(self.keep_graph), use_adapter(self.adapter), self._saving():  # type: ignore[arg-type]
             out = self._call(x, self.mask, self.positions, layers)
         if self.keep_graph:
-            self.segments.append((x, out))
+            self.segments.append((x, out, None))
         self.outputs = out
         self.next_segment += 1
+
+    def _advance_rows(self, layers: Layers, rows: slice) -> None:
+        """(worker) One chunk of rows through one segment's layers; the last chunk joins the segment's output."""
+        if rows.start == 0:  # the first chunk of these layers: their input is the previous layers' output
+            source = self.inputs if self.outputs is None else self.outputs
+            if source is None:
+                raise StateError("a forward cut by rows lost its input")
+            self._boundary = source.detach()
+            self._chunks = []
+        if self._boundary is None:
+            raise StateError("a chunk of rows was asked before the first of its layers")
+        x = self._boundary[rows].detach().requires_grad_(self.keep_graph)  # (b, T, H) leaf
+        mask = None if self.mask is None else self.mask[rows]
+        positions = None if self.positions is None else self.positions[rows]
+        with torch.set_grad_enabled(self.keep_graph), use_adapter(self.adapter), self._saving():  # type: ignore[arg-type]
+            out = self._call(x, mask, positions, layers)
+        if self.keep_graph:
+            self.segments.append((x, out, rows))
+        self._chunks.append(out)
+        if rows.stop == self._boundary.shape[0]:  # every chunk of these layers ran
+            self.outputs = torch.cat(self._chunks)  # (B, T, H)
+            self._boundary, self._chunks = None, []
 
     def _call(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, layers: Layers) -> Any:
         """(worker) The trunk over ``x (B, T, H)``: every layer, or those of one segment."""
@@ -231,6 +283,7 @@ class ForwardRun:
         self.inputs = None
         self.outputs = None
         self.segments = []
+        self._boundary, self._chunks = None, []
         self._saved = {}
 
 
@@ -249,6 +302,7 @@ class BackwardRun:
         self.reply_dtype = grad_output.dtype
         self.next_segment = len(graph.segments) - 1
         self.grad: torch.Tensor | None = grad_output  # the gradient at the boundary above the next segment
+        self._below: torch.Tensor | None = None  # cut by rows: the gradient below the layers in progress
         self._param_grads: list[Sequence[torch.Tensor | None]] = []  # per segment done, last segment first
 
     @property
@@ -274,9 +328,26 @@ class BackwardRun:
                 "grad_output sent is finite but too large, or already wrong); nothing was accumulated and the "
                 "step is kept: send its Backward again with a finite, smaller gradient (e.g. scale the loss down)."
             )
+        rows = self.graph.segments[self.next_segment][2]
         self._param_grads.append(param_grads)
-        self.grad = grad_in
+        if rows is None:
+            self.grad = grad_in
+        else:  # a chunk of rows: its part of the gradient below; the first chunk completes it
+            if self._below is None:
+                if self.grad is None:
+                    raise StateError("a backward cut by rows lost its gradient")
+                self._below = torch.empty(self.grad.shape, dtype=grad_in.dtype, device=grad_in.device)
+            self._below[rows] = grad_in
+            if rows.start == 0:
+                self.grad, self._below = self._below, None
         self.next_segment -= 1
+
+    def output_gradient(self) -> torch.Tensor:
+        """(worker) The gradient to send back through the next segment (its rows' part, for a chunk)."""
+        if self.grad is None:
+            raise ConfigError("this step's graph was already used or released")
+        rows = self.graph.segments[self.next_segment][2]
+        return self.grad if rows is None else self.grad[rows]
 
     def finish(self, apply: bool) -> torch.Tensor:
         """(worker) Accumulate every segment's parameter gradients, release the graph, maybe step.
@@ -318,7 +389,7 @@ def backward_segment(runs: Sequence[BackwardRun]) -> list[BaseException | None]:
     graph, index = runs[0].graph, runs[0].next_segment
     if any(r.next_segment != index or r.graph.run is not graph.run for r in runs):
         raise StateError("backwards batched together must stand at the same segment of one forward")
-    x, out = graph.segments[index]
+    x, out, _ = graph.segments[index]
     total = out.shape[0]
     present = sum(r.graph.batch_rows for r in runs)
     params = [p for r in runs for p in r.trainer.params]
@@ -328,7 +399,7 @@ def backward_segment(runs: Sequence[BackwardRun]) -> list[BaseException | None]:
         grads = torch.autograd.grad(
             out,
             [x, *params],
-            runs[0].grad.to(device=out.device, dtype=out.dtype),  # type: ignore[union-attr]
+            runs[0].output_gradient().to(device=out.device, dtype=out.dtype),
             retain_graph=True,
             allow_unused=True,
         )
@@ -371,7 +442,7 @@ def _recomputed(
         adapters.append((at, at + size, r.trainer.adapter))
         at += size
     with torch.enable_grad(), use_adapter(RowAdapters(adapters)):  # type: ignore[arg-type]
-        out = forward._call(mine, mask, positions, forward.bounds[index])
+        out = forward._call(mine, mask, positions, forward.plan[index][0])
     g = torch.cat([r.grad.to(device=out.device, dtype=out.dtype) for r in runs])  # type: ignore[union-attr]
     grads = torch.autograd.grad(out, [mine, *params], g, allow_unused=True)
     sizes = [r.graph.batch_rows for r in runs]

@@ -87,14 +87,16 @@ def test_the_knob_is_checked_and_the_defaults_agree():
             ServerConfig(training_segment_layer_tokens=bad)
 
 
-async def _two_steps(family: str, mode: str, layers_per_segment: int | None) -> dict[str, object]:
+async def _two_steps(
+    family: str, mode: str, layers_per_segment: int | None, limits: TrainingLimits | None = None, opt: str = "adamw"
+) -> dict[str, object]:
     """Two forward/backward/optimizer steps and an evaluation on a fresh trunk; everything they gave."""
     trunk = split_model(tiny_model(family), SEG_SPLIT, parts=("trunk",)).trunk
     calls = _training_calls(trunk)
     got: dict[str, object] = {}
     lora = LoraConfig(rank=2, seed=3, target_modules=tuple(lora_targets(family)))
-    async with LocalTrunk(trunk, training=_limits(layers_per_segment)) as local:
-        session = await local.open_training(mode, lora=lora, optimizer=OptimizerConfig("adamw", lr=1e-2))
+    async with LocalTrunk(trunk, training=limits or _limits(layers_per_segment)) as local:
+        session = await local.open_training(mode, lora=lora, optimizer=OptimizerConfig(opt, lr=1e-2))
         for step in range(2):
             hidden, mask, positions = _inputs(step)
             out, step_id = await session.forward(hidden, mask, positions)
@@ -137,6 +139,49 @@ async def test_segmented_steps_equal_one_call_bit_for_bit(family, mode):
             assert torch.equal(got["weights"][name], value), (size, name)
         _assert_same_state(got["state"], whole["state"])
         assert got["pending_bytes"] == 0
+
+
+def test_a_layer_over_more_than_a_segment_of_tokens_is_cut_by_rows():
+    from splitlearn_async.training._segments import segment_plan
+
+    assert segment_plan((3, 27), 2, 64, 128) == [((a, a + 1), None) for a in range(3, 27)]  # one layer fits
+    assert segment_plan((3, 27), 2, 64, 64) == [((a, a + 1), r) for a in range(3, 27) for r in (slice(0, 1), slice(1, 2))]
+    assert segment_plan((1, 3), 5, 10, 20) == [((a, a + 1), r) for a in (1, 2) for r in (slice(0, 1), slice(1, 3), slice(3, 5))]
+    assert segment_plan((1, 3), 1, 64, 16) == [((1, 2), None), ((2, 3), None)]  # one row: cannot cut further
+    assert segment_plan((1, 3), 4, 8, None) == [(None, None)]
+
+
+async def _one_step(family: str, mode: str, limits: TrainingLimits) -> dict[str, torch.Tensor]:
+    """One forward, backward and SGD step, then an evaluation, on a fresh trunk: what they gave."""
+    trunk = split_model(tiny_model(family), SEG_SPLIT, parts=("trunk",)).trunk
+    calls = _training_calls(trunk)
+    lora = LoraConfig(rank=2, seed=3, target_modules=tuple(lora_targets(family)))
+    async with LocalTrunk(trunk, training=limits) as local:
+        session = await local.open_training(mode, lora=lora, optimizer=OptimizerConfig("sgd", lr=1e-2))
+        hidden, mask, positions = _inputs(0)
+        out, step_id = await session.forward(hidden, mask, positions)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+        got = {"out": out, "grad_in": await session.backward(step_id, grad), "norm": torch.tensor(session.grad_norm_sq)}
+        got["evaluated"] = await session.evaluate(*_inputs(5))
+        state = await session.state()
+        assert local.training.pending_bytes == 0
+    for name, value in (from_safetensors(state.weights)[0] if state.weights else {}).items():
+        got[f"state.{name}"] = value
+    got |= {f"weight.{n}": p.detach().clone() for n, p in trunk.named_parameters()}
+    got["calls"] = calls  # type: ignore[assignment]
+    return got
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "frozen"])
+async def test_steps_cut_by_rows_equal_one_call(family, mode):
+    """Segments of one layer over one row (segment_layer_tokens = T): 2 items per layer, within 1e-5."""
+    whole = await _one_step(family, mode, _limits(None))
+    got = await _one_step(family, mode, TrainingLimits(segment_layer_tokens=T))
+    assert whole["calls"] == [None]
+    assert got["calls"] == [(a, a + 1) for a in range(1, 5) for _ in range(2)]  # a layer, twice (its two rows)
+    assert set(got) == set(whole)
+    for key in sorted(set(whole) - {"calls"}):
+        assert float((got[key] - whole[key]).abs().max()) <= 1e-5 * max(1.0, float(whole[key].abs().max())), key
 
 
 @pytest.mark.parametrize("trunk_mode", ["full", "lora"])
