@@ -98,7 +98,8 @@ class ServerConfig:
         training_segment_layer_tokens: A training forward or backward runs its layers in
             segments of ``max(1, this // (B x T))`` whole layers (B x T: the step's tokens),
             each a work item of its own, so that a decode step arriving meanwhile waits for
-            one segment, not for the whole step (the gradients are the same bit for bit).
+            one segment, not for the whole step (the gradients are the same bit for bit);
+            when one layer over all B rows is more, in chunks of ``max(1, this // T)`` rows.
             ``None`` runs each forward or backward in one item.
         training_batch_tokens: Training forwards (and evaluations) of different sessions
             with equal ``T`` that wait together run as one batch of at most this many tokens
@@ -143,7 +144,7 @@ class ServerConfig:
     max_adapter_elements: int = 16 * 1024 * 1024
     max_model_bytes: int | None = None
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
-    training_segment_layer_tokens: int | None = 128
+    training_segment_layer_tokens: int | None = 64
     training_batch_tokens: int | None = 1024
     training_batch_wait_s: float = 0.05
 

@@ -70,7 +70,9 @@ class TrainingLimits:
             item of a training forward, evaluation or backward runs: the trunk's layers are cut
             into segments of ``max(1, segment_layer_tokens // (B x T))`` whole layers, each one
             item, so work queued meanwhile (decode steps) waits for one segment, not the whole
-            step; the gradients are the same bit for bit. None: the whole trunk in one item.
+            step; the gradients are the same bit for bit. When one layer over all ``B`` rows
+            is more, each layer runs in chunks of ``max(1, segment_layer_tokens // T)`` rows
+            (within float rounding of one call). None: the whole trunk in one item.
         batch_tokens: Most tokens (``B x T``, summed) of the training forwards (or
             evaluations) of different sessions that run as one batch: forwards with equal
             ``T`` that wait together run their segments as one call, each row with its own
@@ -93,7 +95,7 @@ class TrainingLimits:
     max_lora_rank: int = 4096
     max_lora_targets: int = 64
     max_adapter_elements: int = 1 << 40
-    segment_layer_tokens: int | None = 128
+    segment_layer_tokens: int | None = 64
     batch_tokens: int | None = 1024
     batch_wait_s: float = 0.05
 
@@ -111,7 +113,7 @@ class TrainingLimits:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(
                 f"TrainingLimits.segment_layer_tokens must be an int >= 1 or None, got {value!r}; "
-                "e.g. 128, or None to run a training step's layers in one work item."
+                "e.g. 64, or None to run a training step's layers in one work item."
             )
 
 
