@@ -60,6 +60,14 @@ from splitlearn_async import (
     load_stages,
 )
 
+try:
+    from splitlearn_async.worker import pin_malloc_thresholds
+except ImportError:  # an older checkout (PYTHONPATH=...), which does not pin
+
+    def pin_malloc_thresholds() -> bool:
+        return False
+
+
 SPLIT = (3, 27)
 
 
@@ -210,7 +218,9 @@ async def with_training(server: AsyncGRPCComputeServer, remote: RemoteTrunk, seg
 
 
 async def main(steps: int, train_batch: int, train_len: int, placement: str, trainer: str,
-               segments: list[int | None], trainers: int = 1) -> dict:
+               segments: list[int | None], trainers: int = 1, pin_malloc: bool = True) -> dict:
+    # as `splitlearn serve` does at start (splitlearn_async/worker/_malloc.py)
+    pinned = pin_malloc_thresholds() if pin_malloc else False
     bottom, trunk, top = load_stages(default_bundle(SPLIT))
     hidden_size = trunk.hidden_size
     cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -255,6 +265,7 @@ async def main(steps: int, train_batch: int, train_len: int, placement: str, tra
             phase[f"{q}_ratio"] = phase["with_training"][f"{q}_ms"] / base[f"{q}_ms"]
     return {
         "placement": placement,
+        "malloc_pinned": pinned,
         "trainer": trainer,
         "decode_steps": steps,
         "training_batch": [train_batch, train_len],
@@ -274,6 +285,8 @@ if __name__ == "__main__":
     parser.add_argument("--placement", choices=("isolated", "shared"), default="isolated")
     parser.add_argument("--trainer", choices=("process", "thread"), default="process")
     parser.add_argument("--trainers", type=int, default=1, help="training clients at once (child processes)")
+    parser.add_argument("--no-pin-malloc", action="store_true",
+                        help="leave glibc's dynamic mmap threshold on (splitlearn serve pins it)")
     parser.add_argument("--segment-layer-tokens", type=int, nargs="+", default=None,
                         help="one training phase per value; 0: the whole trunk in one item (default: the server's)")
     parser.add_argument("--out", default=None, help="the JSON file to write (default: benchmarks/results/...)")
@@ -285,7 +298,8 @@ if __name__ == "__main__":
     if args.trainers > 1 and args.trainer == "thread":
         raise SystemExit("--trainers N runs child processes; leave --trainer at process.")
     result = asyncio.run(
-        main(args.steps, args.train_batch, args.train_len, args.placement, args.trainer, segments, args.trainers)
+        main(args.steps, args.train_batch, args.train_len, args.placement, args.trainer, segments, args.trainers,
+             not args.no_pin_malloc)
     )
     print(json.dumps(result, indent=2))
     suffix = ("" if args.trainer == "process" else "-thread") + (f"-{args.trainers}trainers" if args.trainers > 1 else "")

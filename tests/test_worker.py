@@ -456,3 +456,13 @@ async def test_background_work_held_back_still_runs_before_stop():
     await stopping
     assert [await t for t in tasks] == ["a", "b", "c"] and ran == ["a", "b", "c"]
     await parked
+
+
+def test_pin_malloc_thresholds_sets_glibcs_and_leaves_a_users_alone(monkeypatch):
+    from splitlearn_async.worker import pin_malloc_thresholds
+
+    expected = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert pin_malloc_thresholds() is bool(expected)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert pin_malloc_thresholds() is False  # the user's setting wins

@@ -214,9 +214,11 @@ def serve_main(args: argparse.Namespace) -> int:
     """
     from splitlearn_async.models.loading import load_stages
     from splitlearn_async.server._service import AsyncGRPCComputeServer
+    from splitlearn_async.worker import pin_malloc_thresholds
 
     from ._models import ModelSource
 
+    pin_malloc_thresholds()  # before the first large tensor: see splitlearn_async/worker/_malloc.py
     named = named_models(args.model)
     source = args.bundle or (args.model[0] if args.model else "default")
     split = _split_points(args.split)

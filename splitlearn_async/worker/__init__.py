@@ -33,13 +33,15 @@ What lives where:
   expectation sources of :meth:`StageWorker.expect`) and which items run together;
 - ``_execution``: running units of items on the thread, the counters
   (:class:`WorkerStats`), and delivering results and exceptions back to the loop;
-- ``_worker``: :class:`StageWorker`, the facade: settings, lifecycle, submission, crashes.
+- ``_worker``: :class:`StageWorker`, the facade: settings, lifecycle, submission, crashes;
+- ``_malloc``: :func:`pin_malloc_thresholds`, for a long-running process's allocator.
 """
 
 from __future__ import annotations
 
 from ..errors import WorkerDied, WorkerStopped
 from ._execution import WorkerStats
+from ._malloc import pin_malloc_thresholds
 from ._worker import StageWorker
 
-__all__ = ["StageWorker", "WorkerDied", "WorkerStats", "WorkerStopped"]
+__all__ = ["StageWorker", "WorkerDied", "WorkerStats", "WorkerStopped", "pin_malloc_thresholds"]
