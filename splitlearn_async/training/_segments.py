@@ -35,6 +35,7 @@ Everything here runs on the worker thread; :mod:`._work` sends the items there.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -232,7 +233,7 @@ class ForwardRun:
     def _saving(self) -> Any:
         """Count the bytes autograd saves for the backward (nothing without a graph)."""
         if not self.keep_graph:
-            return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+            return contextlib.nullcontext()
         saved = self._saved
 
         def pack(t: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,8 @@ class Gatherer:
 
     def _hold_background(self, gathered: Gathered) -> None:
         """Keep one unit of background work in ``gathered`` (all of it before STOP); hold the rest back."""
+        if not self._held and not any(item.background for item in gathered.items):
+            return  # no background work (inference alone): the batch as gathered
         self._held += [item for item in gathered.items if item.background]
         items = [item for item in gathered.items if not item.background]
         if gathered.stop:  # the worker ends after this batch: everything queued before STOP runs
